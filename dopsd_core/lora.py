@@ -1,0 +1,269 @@
+"""LoRA with a trainable student and an EMA teacher on the same frozen base weights.
+
+D-OPSD needs two adapters on one model: the student (trained) and the teacher (an exponential moving
+average of the student). Both live in one `LoRAModule` per target Linear, and a single switch on the
+`LoRANetwork` picks which one a forward pass uses, so no base weight is ever copied or modified.
+
+Two ways to attach, both leaving base parameters untouched:
+- `LoRANetwork.attach(root)`: forward hooks on plain `nn.Linear` modules (y += scale * up(down(x))).
+- `LoRAModule.weight_function`: `w -> w + delta` for hosts that rewrite weights at forward time
+  (ComfyUI's `ModelPatcher.add_weight_wrapper`).
+"""
+import contextlib
+import fnmatch
+import math
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("student", "teacher", "off")
+INITS = ("default", "gaussian", "comfy")
+
+
+class LoRAModule(nn.Module):
+    """Low-rank delta `scale * up @ down` for one [out, in] weight, plus its EMA (teacher) copy."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0,
+                 init: str = "default", dtype=torch.float32, device=None, generator=None):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+        if init not in INITS:
+            raise ValueError(f"unknown LoRA init {init!r}; choose one of {INITS}")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.alpha = float(alpha)
+        self.down = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
+        self.up = nn.Parameter(torch.empty(out_features, rank, dtype=dtype, device=device))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_parameters(init, generator)
+        self.register_buffer("ema_down", self.down.detach().clone())
+        self.register_buffer("ema_up", self.up.detach().clone())
+        self.network: Optional["LoRANetwork"] = None
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str = "default", generator=None):
+        """Start with a zero delta: 'default' (PEFT) and 'gaussian' zero `up`; 'comfy' zeroes `down`."""
+        if init == "comfy":
+            bound = 1.0 / math.sqrt(self.rank)
+            self.up.copy_(torch.rand(self.up.shape, generator=generator) * 2 * bound - bound)
+            self.down.zero_()
+            return
+        if init == "gaussian":
+            self.down.copy_(torch.randn(self.down.shape, generator=generator) / self.rank)
+        else:  # kaiming-uniform with a = sqrt(5), as nn.Linear and PEFT initialise lora_A
+            bound = 1.0 / math.sqrt(self.in_features)
+            self.down.copy_(torch.rand(self.down.shape, generator=generator) * 2 * bound - bound)
+        self.up.zero_()
+
+    def factors(self, mode: str):
+        if mode == "student":
+            return self.down, self.up
+        if mode == "teacher":
+            return self.ema_down, self.ema_up
+        return None
+
+    def mode(self) -> str:
+        return self.network.current_mode if self.network is not None else "student"
+
+    def delta_output(self, x: torch.Tensor, mode: Optional[str] = None) -> Optional[torch.Tensor]:
+        """scale * up(down(x)) in the LoRA's dtype, or None when the adapter is off."""
+        mode = mode or self.mode()
+        f = self.factors(mode)
+        if f is None:
+            return None
+        down, up = f
+        h = x.to(down.dtype)
+        if mode == "student":
+            h = self.dropout(h)
+        return F.linear(F.linear(h, down), up) * self.scale
+
+    def delta_weight(self, mode: Optional[str] = None) -> Optional[torch.Tensor]:
+        f = self.factors(mode or self.mode())
+        if f is None:
+            return None
+        down, up = f
+        return (up @ down) * self.scale
+
+    def weight_function(self, weight: torch.Tensor) -> torch.Tensor:
+        """Host weight-wrapper form: returns weight + delta (a new tensor; the input is not modified)."""
+        delta = self.delta_weight()
+        if delta is None:
+            return weight
+        return weight + delta.to(weight.dtype).reshape(weight.shape)
+
+    @torch.no_grad()
+    def ema_update_(self, decay: float):
+        self.ema_down.lerp_(self.down.detach().to(self.ema_down.dtype), 1.0 - decay)
+        self.ema_up.lerp_(self.up.detach().to(self.ema_up.dtype), 1.0 - decay)
+
+    @torch.no_grad()
+    def ema_copy_(self):
+        self.ema_down.copy_(self.down)
+        self.ema_up.copy_(self.up)
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def find_targets(root: nn.Module, targets: Sequence[str] = ("*",), exclude: Sequence[str] = (),
+                 types=(nn.Linear,)) -> Dict[str, nn.Module]:
+    """Modules of `types` whose dotted names match any `targets` glob and no `exclude` glob."""
+    found = {n: m for n, m in root.named_modules()
+             if n and isinstance(m, types) and _matches(n, targets) and not _matches(n, exclude)}
+    if not found:
+        raise ValueError(f"no {', '.join(t.__name__ for t in types)} module matches targets={list(targets)} "
+                         f"exclude={list(exclude)}; check the patterns against the model's module names")
+    return found
+
+
+class AttachHandle:
+    def __init__(self, hooks: List):
+        self.hooks = hooks
+
+    def remove(self):
+        for h in self.hooks:
+            h.remove()
+        self.hooks = []
+
+
+class LoRANetwork(nn.Module):
+    """All LoRA modules of one model, the student/teacher/off switch and the EMA teacher update."""
+
+    def __init__(self, modules: Dict[str, LoRAModule], ema_decay: float = 0.9999, ema_warmup: bool = False):
+        super().__init__()
+        self.names: List[str] = sorted(modules)
+        self.loras = nn.ModuleList([modules[n] for n in self.names])
+        for m in self.loras:
+            m.network = self
+        self.ema_decay = float(ema_decay)
+        self.ema_warmup = ema_warmup
+        self.current_mode = "student"
+
+    @classmethod
+    def for_module(cls, root: nn.Module, rank: int = 8, alpha: Optional[float] = None,
+                   targets: Sequence[str] = ("*",), exclude: Sequence[str] = (), dropout: float = 0.0,
+                   init: str = "default", dtype=torch.float32, device=None, ema_decay: float = 0.9999,
+                   ema_warmup: bool = False, seed: Optional[int] = None, types=(nn.Linear,)) -> "LoRANetwork":
+        """Build LoRA modules for every matching Linear of `root` (names are `root`'s module names)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        alpha = float(rank if alpha is None else alpha)
+        mods = {}
+        for name, m in find_targets(root, targets, exclude, types).items():
+            mods[name] = LoRAModule(m.in_features, m.out_features, rank, alpha, dropout, init, dtype,
+                                    device if device is not None else m.weight.device, gen)
+        return cls(mods, ema_decay, ema_warmup)
+
+    def __getitem__(self, name: str) -> LoRAModule:
+        return self.loras[self.names.index(name)]
+
+    def items(self):
+        return zip(self.names, self.loras)
+
+    @contextlib.contextmanager
+    def mode(self, mode: str):
+        """Run forward passes with the student, the EMA teacher, or no LoRA at all."""
+        if mode not in MODES:
+            raise ValueError(f"unknown LoRA mode {mode!r}; choose one of {MODES}")
+        previous, self.current_mode = self.current_mode, mode
+        try:
+            yield self
+        finally:
+            self.current_mode = previous
+
+    def attach(self, root: nn.Module) -> AttachHandle:
+        """Forward hooks on `root`'s Linear modules of the same names. Base parameters are untouched."""
+        modules = dict(root.named_modules())
+        missing = [n for n in self.names if n not in modules]
+        if missing:
+            raise KeyError(f"LoRA targets not found in the model: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        hooks = []
+        for name, lora in self.items():
+            hooks.append(modules[name].register_forward_hook(_make_hook(lora)))
+        return AttachHandle(hooks)
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        return [p for m in self.loras for p in (m.down, m.up)]
+
+    def ema_decay_at(self, step: int) -> float:
+        """The decay used after optimizer step `step` (0-based); warm-up ramps it as (1+s)/(10+s)."""
+        if self.ema_warmup:
+            return min(self.ema_decay, (1.0 + step) / (10.0 + step))
+        return self.ema_decay
+
+    @torch.no_grad()
+    def ema_update(self, step: int = 0):
+        decay = self.ema_decay_at(step)
+        for m in self.loras:
+            m.ema_update_(decay)
+
+    @torch.no_grad()
+    def ema_reset(self):
+        """Teacher := student (the official code starts both adapters from the same weights)."""
+        for m in self.loras:
+            m.ema_copy_()
+
+    def comfy_state_dict(self, prefix: str = "diffusion_model.", which: str = "student",
+                         dtype=None) -> Dict[str, torch.Tensor]:
+        """ComfyUI/kohya keys: <prefix><module>.lora_up.weight [out,r], .lora_down.weight [r,in], .alpha."""
+        if which not in ("student", "teacher"):
+            raise ValueError("which must be 'student' or 'teacher'")
+        sd = {}
+        for name, m in self.items():
+            down, up = m.factors(which)
+            key = prefix + name
+            sd[key + ".lora_up.weight"] = up.detach().to(dtype or up.dtype).clone().contiguous()
+            sd[key + ".lora_down.weight"] = down.detach().to(dtype or down.dtype).clone().contiguous()
+            sd[key + ".alpha"] = torch.tensor(m.alpha)
+        return sd
+
+    @torch.no_grad()
+    def load_comfy_state_dict(self, sd: Dict[str, torch.Tensor], prefix: str = "diffusion_model.",
+                              into: Iterable[str] = ("student", "teacher"), strict: bool = True):
+        """Load ComfyUI-format factors; the rank and alpha of the file win (modules are resized)."""
+        expected = {prefix + n for n in self.names}
+        present = {k.rsplit(".lora_", 1)[0] for k in sd if ".lora_up.weight" in k or ".lora_down.weight" in k}
+        if strict and present != expected:
+            missing, extra = sorted(expected - present), sorted(present - expected)
+            raise KeyError("LoRA keys do not match this model: "
+                           f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
+                           f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+        for name, m in self.items():
+            key = prefix + name
+            if key + ".lora_up.weight" not in sd:
+                continue
+            up, down = sd[key + ".lora_up.weight"], sd[key + ".lora_down.weight"]
+            up, down = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
+            if up.shape[0] != m.out_features or down.shape[1] != m.in_features:
+                raise ValueError(f"LoRA for {name} has shape up{tuple(up.shape)} down{tuple(down.shape)}, "
+                                 f"model weight is [{m.out_features}, {m.in_features}]")
+            rank = down.shape[0]
+            alpha = float(sd[key + ".alpha"]) if key + ".alpha" in sd else float(rank)
+            if rank != m.rank:
+                m.rank = rank
+                m.down = nn.Parameter(torch.zeros(rank, m.in_features, dtype=m.down.dtype, device=m.down.device))
+                m.up = nn.Parameter(torch.zeros(m.out_features, rank, dtype=m.up.dtype, device=m.up.device))
+                m.ema_down = torch.zeros_like(m.down.detach())
+                m.ema_up = torch.zeros_like(m.up.detach())
+            m.alpha = alpha
+            if "student" in into:
+                m.down.copy_(down)
+                m.up.copy_(up)
+            if "teacher" in into:
+                m.ema_down.copy_(down)
+                m.ema_up.copy_(up)
+
+
+def _make_hook(lora: LoRAModule):
+    def hook(module, args, output):
+        delta = lora.delta_output(args[0])
+        if delta is None:
+            return output
+        return output + delta.to(output.dtype)
+    return hook
