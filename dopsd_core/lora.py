@@ -40,7 +40,7 @@ class LoRAModule(nn.Module):
         self.reset_parameters(init, generator)
         self.register_buffer("ema_down", self.down.detach().clone())
         self.register_buffer("ema_up", self.up.detach().clone())
-        self.network: Optional["LoRANetwork"] = None
+        object.__setattr__(self, "network", None)  # a back-reference, not a submodule
 
     @property
     def scale(self) -> float:
@@ -141,7 +141,7 @@ class LoRANetwork(nn.Module):
         self.names: List[str] = sorted(modules)
         self.loras = nn.ModuleList([modules[n] for n in self.names])
         for m in self.loras:
-            m.network = self
+            object.__setattr__(m, "network", self)  # plain attribute: registering it would make a cycle
         self.ema_decay = float(ema_decay)
         self.ema_warmup = ema_warmup
         self.current_mode = "student"

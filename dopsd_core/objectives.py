@@ -50,7 +50,15 @@ def _distance(pred_v, target_v, x, sigma, space: str) -> torch.Tensor:
         pred, target = x0_from_velocity(x, sigma, pred_v), x0_from_velocity(x, sigma, target_v)
     else:
         pred, target = pred_v, target_v
-    return F.mse_loss(pred.float(), target.float())
+    # the loss is always reduced in at least fp32, also when the forward ran in bf16
+    up = torch.float64 if pred.dtype == torch.float64 else torch.float32
+    return F.mse_loss(pred.to(up), target.to(up))
+
+
+def _sigma_tensor(sigmas, like: torch.Tensor) -> torch.Tensor:
+    """Sigmas in fp32 (fp64 for fp64 inputs, so gradient checks stay exact), on the input's device."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return torch.as_tensor(sigmas, device=like.device).to(dtype)
 
 
 def _loss_indices(k_total: int, loss_steps) -> List[int]:
@@ -65,7 +73,7 @@ def _loss_indices(k_total: int, loss_steps) -> List[int]:
 def dopsd_step(student_fn: VelocityFn, teacher_fn: VelocityFn, noise: torch.Tensor, state_sigmas: torch.Tensor,
                opts: DOPSDOptions = DOPSDOptions(), loss_scale: float = 1.0, backward: bool = True) -> StepResult:
     """Roll the student out from `noise` through `state_sigmas` (K states) and distil the teacher into it."""
-    sig = torch.as_tensor(state_sigmas, dtype=torch.float32, device=noise.device)
+    sig = _sigma_tensor(state_sigmas, noise)
     k_total, batch = len(sig), noise.shape[0]
     with_loss = set(_loss_indices(k_total, opts.loss_steps))
     n = len(with_loss)
@@ -77,9 +85,9 @@ def dopsd_step(student_fn: VelocityFn, teacher_fn: VelocityFn, noise: torch.Tens
         x_in = x.detach() if opts.detach_states else x
         states.append(x_in.detach())
         if k in with_loss:
-            v_s = student_fn(x_in, sigma)
-            with torch.no_grad():
+            with torch.no_grad():  # teacher first: its temporaries are freed before the student's graph exists
                 v_t = teacher_fn(x_in.detach(), sigma)
+            v_s = student_fn(x_in, sigma)
             loss_k = _distance(v_s, v_t, x_in.detach(), sigma, opts.loss_space) / n
             per_step.append(float(loss_k.detach()) * n)
             if opts.detach_states:
@@ -104,7 +112,7 @@ def dopsd_step(student_fn: VelocityFn, teacher_fn: VelocityFn, noise: torch.Tens
 def sft_step(student_fn: VelocityFn, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
              opts: DOPSDOptions = DOPSDOptions(), loss_scale: float = 1.0, backward: bool = True) -> StepResult:
     """Vanilla flow-matching SFT on target images: || u_s(x_t) - (noise - x0) ||^2 at sigma [B]."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x0.device).expand(x0.shape[0])
+    sigma = _sigma_tensor(sigma, x0).expand(x0.shape[0])
     x_t = add_noise(x0, noise, sigma)
     v = student_fn(x_t, sigma)
     loss = _distance(v, noise - x0, x_t, sigma, opts.loss_space)
@@ -120,7 +128,7 @@ def off_policy_step(student_fn: VelocityFn, teacher_fn: VelocityFn, x0: torch.Te
 
     Same states count, same teacher, same loss as dopsd_step; only where the states come from differs.
     """
-    sig = torch.as_tensor(state_sigmas, dtype=torch.float32, device=x0.device)
+    sig = _sigma_tensor(state_sigmas, x0)
     with_loss = _loss_indices(len(sig), opts.loss_steps)
     n, batch = len(with_loss), x0.shape[0]
     total, per_step, states = 0.0, [], []
@@ -128,9 +136,9 @@ def off_policy_step(student_fn: VelocityFn, teacher_fn: VelocityFn, x0: torch.Te
         sigma = sig[k].expand(batch)
         x_t = add_noise(x0, noise, sigma)
         states.append(x_t.detach())
-        v_s = student_fn(x_t, sigma)
         with torch.no_grad():
             v_t = teacher_fn(x_t, sigma)
+        v_s = student_fn(x_t, sigma)
         loss_k = _distance(v_s, v_t, x_t, sigma, opts.loss_space) / n
         if backward:
             (loss_k * loss_scale).backward()

@@ -1,0 +1,42 @@
+"""Tiny torch flow models for dopsd_core tests and benchmarks (no ComfyUI)."""
+import torch
+from torch import nn
+
+
+class TinyFlowModel(nn.Module):
+    """v = f(x, sigma, context): an MLP over flattened x with sigma and a context vector mixed in."""
+
+    def __init__(self, dim: int = 16, ctx_dim: int = 8, hidden: int = 64, depth: int = 2):
+        super().__init__()
+        self.inp = nn.Linear(dim + 1 + ctx_dim, hidden)
+        self.blocks = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
+        self.out = nn.Linear(hidden, dim)
+
+    def forward(self, x, sigma, ctx):
+        h = torch.cat([x, sigma[:, None].to(x.dtype), ctx.expand(x.shape[0], -1).to(x.dtype)], dim=1)
+        h = torch.nn.functional.silu(self.inp(h))
+        for blk in self.blocks:
+            h = h + torch.nn.functional.silu(blk(h))
+        return self.out(h)
+
+
+class ListTask:
+    """A TrainTask over fixed (x0, c_s, c_t) triples for one model + LoRANetwork."""
+
+    def __init__(self, model, net, x0s, student_ctx, teacher_ctx):
+        self.model, self.net = model, net
+        self.x0s, self.cs, self.ct = x0s, student_ctx, teacher_ctx
+
+    def __len__(self):
+        return len(self.x0s)
+
+    def run(self, index, compute):
+        def student(x, s):
+            with self.net.mode("student"):
+                return self.model(x, s, self.cs[index])
+
+        def teacher(x, s):
+            with self.net.mode("teacher"):
+                return self.model(x, s, self.ct[index])
+
+        return compute(student, teacher, self.x0s[index])
