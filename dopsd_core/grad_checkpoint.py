@@ -33,6 +33,10 @@ def checkpoint_modules(modules: Iterable[nn.Module], lora_network=None) -> Check
             mode = lora_network.current_mode if lora_network is not None else None
 
             def run(*a, **k):
+                # Blocks may update their inputs in place (ComfyUI's Flux blocks do); the checkpoint keeps
+                # those inputs for recomputation, so the block gets its own copies.
+                a = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in a)
+                k = {n: (x.clone() if isinstance(x, torch.Tensor) else x) for n, x in k.items()}
                 ctx = lora_network.mode(mode) if mode is not None else contextlib.nullcontext()
                 with ctx:
                     return _original(*a, **k)

@@ -1,4 +1,9 @@
-"""Optimizer and learning-rate schedule for LoRA parameters."""
+"""Optimizer and learning-rate schedule for LoRA parameters.
+
+AdamW is what the official D-OPSD scripts use (8-bit AdamW from bitsandbytes with --use-8bit-adam); the
+official schedule is constant with no warm-up. Warm-up and cosine/linear decay are offered because short
+LoRA runs on small datasets often like them; they are plain multipliers of the base lr.
+"""
 import math
 
 import torch
@@ -35,5 +40,6 @@ def lr_factor(step: int, total: int, warmup: int = 0, schedule: str = "constant"
     return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def make_scheduler(optimizer, total: int, warmup: int = 0, schedule: str = "constant"):
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, schedule))
+def make_scheduler(optimizer, total: int, warmup: int = 0, schedule: str = "constant", min_factor: float = 0.0):
+    lr_factor(0, total, warmup, schedule, min_factor)  # validates the schedule name now, not at step 1
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, schedule, min_factor))

@@ -1,0 +1,1 @@
+"""Translation between ComfyUI objects (ModelPatcher, CONDITIONING, guiders) and dopsd_core."""

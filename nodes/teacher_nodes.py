@@ -1,0 +1,113 @@
+"""Teacher contexts: the multimodal condition c_t of (prompt, target image), next to the student's c_s.
+
+Each node turns a dataset into training pairs (student CONDITIONING from the caption alone, teacher
+CONDITIONING from caption + image, and the VAE latent of the image) and also outputs the first pair's two
+CONDITIONINGs, which are ordinary ComfyUI conditioning: wire them into a KSampler to look at them.
+Three ways to give the teacher the image:
+- reference latents (FLUX.2-klein's edit path, Qwen-Image-Edit, Kontext);
+- a native VLM text encoder whose tokenizer takes images (Qwen-Image's Qwen2.5-VL);
+- the VLM splice for Z-Image (vlm_splice_nodes.py).
+"""
+import node_helpers
+from comfy_api.latest import io
+
+from . import CATEGORY
+from .dataset_nodes import Dataset
+from .pairs import Pair
+
+Pairs = io.Custom("DOPSD_PAIRS")
+KLEIN_EDIT_PROMPT = ("Make the main subject (facial/ip details), background, and overall composition consistent "
+                     "with the reference image.")
+
+
+def encode_text(clip, text: str):
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+
+
+def encode_latent(vae, image):
+    return vae.encode(image[:, :, :, :3])
+
+
+def require_dataset(dataset):
+    if not dataset:
+        raise ValueError("the dataset is empty: add image-caption pairs")
+
+
+def _has_image_tokens(tokens) -> bool:
+    """ComfyUI VL tokenizers put {"type": "image", ...} entries where the image goes."""
+    if isinstance(tokens, dict):
+        return any(_has_image_tokens(v) for v in tokens.values()) or tokens.get("type") == "image"
+    if isinstance(tokens, (list, tuple)):
+        return any(_has_image_tokens(v) for v in tokens)
+    return False
+
+
+def _outputs(pairs):
+    return io.NodeOutput(pairs, pairs[0].student, pairs[0].teacher)
+
+
+def _pair_outputs():
+    return [Pairs.Output(display_name="pairs"), io.Conditioning.Output(display_name="student (first pair)"),
+            io.Conditioning.Output(display_name="teacher (first pair)")]
+
+
+class DOPSDTeacherReferenceLatent(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DOPSDTeacherReferenceLatent", display_name="D-OPSD Teacher: Reference Latent",
+            category=CATEGORY,
+            description="Teacher sees the target image as a VAE reference latent (FLUX.2-klein edit path, "
+                        "Qwen-Image-Edit, Kontext). The student sees the caption only.",
+            inputs=[
+                Dataset.Input("dataset"), io.Clip.Input("clip"), io.Vae.Input("vae"),
+                io.String.Input("teacher_prompt_prefix", default="", multiline=True,
+                                tooltip="Optional edit-style instruction put before the caption for the teacher "
+                                        "only, e.g. the official klein recipe's: " + KLEIN_EDIT_PROMPT),
+            ],
+            outputs=_pair_outputs(),
+        )
+
+    @classmethod
+    def execute(cls, dataset, clip, vae, teacher_prompt_prefix) -> io.NodeOutput:
+        require_dataset(dataset)
+        pairs = []
+        for item in dataset:
+            latent = encode_latent(vae, item["image"])
+            student = encode_text(clip, item["caption"])
+            prefix = teacher_prompt_prefix.strip()
+            teacher_text = f"{prefix} {item['caption']}".strip() if prefix else item["caption"]
+            teacher = node_helpers.conditioning_set_values(
+                encode_text(clip, teacher_text) if prefix else student, {"reference_latents": [latent]}, append=True)
+            pairs.append(Pair(item["caption"], student, teacher, latent, item["image"]))
+        return _outputs(pairs)
+
+
+class DOPSDTeacherNativeVLM(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="DOPSDTeacherNativeVLM", display_name="D-OPSD Teacher: Native VLM Encoder", category=CATEGORY,
+            description="Teacher context from a text encoder whose tokenizer takes images "
+                        "(e.g. Qwen-Image's Qwen2.5-VL): clip.tokenize(caption, images=[target]).",
+            inputs=[Dataset.Input("dataset"), io.Clip.Input("clip"), io.Vae.Input("vae")],
+            outputs=_pair_outputs(),
+        )
+
+    @classmethod
+    def execute(cls, dataset, clip, vae) -> io.NodeOutput:
+        require_dataset(dataset)
+        pairs = []
+        for item in dataset:
+            tokens = clip.tokenize(item["caption"], images=[item["image"][:, :, :, :3]])
+            if not _has_image_tokens(tokens):
+                raise ValueError("this CLIP's tokenizer ignores images, so the teacher would see text only: use a "
+                                 "VLM text encoder (e.g. Qwen-Image's qwen_2.5_vl), or the Reference Latent / VLM "
+                                 "Splice teacher")
+            teacher = clip.encode_from_tokens_scheduled(tokens)
+            pairs.append(Pair(item["caption"], encode_text(clip, item["caption"]), teacher,
+                              encode_latent(vae, item["image"]), item["image"]))
+        return _outputs(pairs)
+
+
+NODES = [DOPSDTeacherReferenceLatent, DOPSDTeacherNativeVLM]
