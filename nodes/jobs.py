@@ -24,22 +24,15 @@ from PIL import Image
 from ..dopsd_core import checkpoint as ckpt
 from ..dopsd_core import lora_io, sampler
 from ..dopsd_core.control import TrainControl
-from ..dopsd_core.grad_checkpoint import checkpoint_modules
 from ..dopsd_core.train import TrainConfig, Trainer
 from . import events
-from .comfy_bridge import guided, lora_patch, turns
+from .comfy_bridge import blocks, guided, lora_patch, turns
 from .pairs import Pair, detached_copy
 
 JOBS: Dict[str, "Job"] = {}
 _LOCK = threading.Lock()
 MAX_CHART_POINTS = 500
 FINAL_STATES = ("finished", "stopped", "error")
-
-
-def _top_level_blocks(model):
-    """The transformer blocks to checkpoint: children of the diffusion model's ModuleLists."""
-    root = model.model.diffusion_model
-    return [block for child in root.children() if isinstance(child, torch.nn.ModuleList) for block in child]
 
 
 class ComfyTask:
@@ -227,9 +220,7 @@ class Job:
             if self.use_turns:
                 stack.enter_context(turns.TURN.trainer_step())
             stack.enter_context(guided.training_flags())
-            if self.gradient_checkpointing:
-                handle = checkpoint_modules(_top_level_blocks(self.model), lora_network=self.net)
-                stack.callback(handle.remove)
+            stack.callback(blocks.guard_blocks(self.model, self.net, self.gradient_checkpointing).remove)
             if self.test_hook is not None:
                 self.test_hook(self)
             yield

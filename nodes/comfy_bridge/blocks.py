@@ -1,0 +1,45 @@
+"""Top-level transformer blocks of a ComfyUI diffusion model, and a guard for their in-place updates.
+
+ComfyUI's Flux blocks update their input in place (`x += gate * out`), which is fine for inference but
+breaks backward once LoRA makes that input require grad: the block's own LayerNorm saved it. While a job
+trains without gradient checkpointing, activations a block saves for backward are saved as copies taken at
+save time (weights, which have no grad_fn, are not copied), so later in-place updates cannot corrupt them.
+With gradient checkpointing, blocks are recomputed in backward and need no copies.
+"""
+import torch
+
+from ...dopsd_core.grad_checkpoint import CheckpointHandle, checkpoint_modules
+
+
+def top_level_blocks(model):
+    root = model.model.diffusion_model
+    return [block for child in root.children() if isinstance(child, torch.nn.ModuleList) for block in child]
+
+
+def _pack(tensor):
+    return tensor.clone() if tensor.grad_fn is not None else tensor
+
+
+def _unpack(tensor):
+    return tensor
+
+
+def snapshot_saved_activations(modules) -> CheckpointHandle:
+    wrapped = []
+    for module in modules:
+        original = module.forward
+
+        def forward(*args, _original=original, **kwargs):
+            if not torch.is_grad_enabled():
+                return _original(*args, **kwargs)
+            with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+                return _original(*args, **kwargs)
+
+        module.forward = forward
+        wrapped.append(module)
+    return CheckpointHandle(wrapped)
+
+
+def guard_blocks(model, net, checkpointing: bool) -> CheckpointHandle:
+    blocks = top_level_blocks(model)
+    return checkpoint_modules(blocks, lora_network=net) if checkpointing else snapshot_saved_activations(blocks)
