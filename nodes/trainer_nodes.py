@@ -49,6 +49,7 @@ class DOPSDTrainer(io.ComfyNode):
                         "background thread and returns a job at once. Training pauses while other prompts run. "
                         "Watch it on this node; control it with its Pause / Resume / Stop buttons.",
             not_idempotent=True,
+            is_output_node=True,
             inputs=[
                 io.Model.Input("model"),
                 Pairs.Input("pairs"),

@@ -65,4 +65,26 @@ comfy.model_detection.model_config_from_unet = _model_config_from_unet
 comfy.sd.load_text_encoder_state_dicts = _load_text_encoder_state_dicts
 comfy.sd.detect_te_model = _detect_te_model
 
-NODE_CLASS_MAPPINGS = {}  # a pack without mappings would be reported as an import failure
+class TestTinyVAE:
+    """Test-only loader: the seeded tiny VAE of tests/comfy_fixtures.py (VAELoader cannot open tiny files)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"kind": (["flux", "flux2"],), "seed": ("INT", {"default": 0})}}
+
+    RETURN_TYPES = ("VAE",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, kind, seed):
+        import os
+        import sys
+        tests_dir = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+        if tests_dir not in sys.path:
+            sys.path.append(tests_dir)
+        import comfy_fixtures
+        build = comfy_fixtures.build_tiny_flux_vae if kind == "flux" else comfy_fixtures.build_tiny_flux2_vae
+        return (build(seed=seed),)
+
+
+NODE_CLASS_MAPPINGS = {"TestTinyVAE": TestTinyVAE}
