@@ -1,28 +1,39 @@
 """Cost of one D-OPSD iteration against the work it cannot avoid, and its peak memory against SFT.
 
-Run: .venv/bin/python benchmarks/bench_dopsd_iteration.py [--k 4] [--reps 5]
+Run: .venv/bin/python benchmarks/bench_dopsd_iteration.py [--k 4] [--reps 5] [--batch 2]
+
+Model: a DiT-like stack (joint attention over context tokens + 2x2 latent patches, MLPs; ~4.9 M
+params, LoRA rank 16 on every Linear), latents 16x32x32, batch 2, so the forward/backward passes dominate
+and Python overhead cannot hide in the noise.
 
 Time. "Unavoidable" = K student forward+backward passes plus K teacher forward passes on the same states,
 timed in this run with the same model, batch and LoRA. `dopsd_step` reuses the student's training forward
 as the rollout's velocity, so it should add only the Euler updates and bookkeeping (target <= 1.10x).
-"Naive" = a separate no-grad rollout to collect states, then K grad forwards kept alive and one backward
-(the obvious implementation). Times are the minimum over interleaved repetitions, so a busy neighbour
-inflates every variant alike rather than one of them.
+"Naive" = a separate no-grad rollout to collect the states, then K grad forwards kept alive and one
+backward (the obvious implementation, which the official script is apart from its rollout reuse).
+On CPU the clock is the process's CPU time (time.process_time) with one intra-op thread: on a machine
+shared with other jobs, wall time mostly measures the neighbours (we saw a 10x spread between identical
+repetitions with 2 threads on 2 busy cores), while CPU time measures the work done. On CUDA it is wall
+time after synchronisation. Times are the minimum over interleaved repetitions, so disturbances that
+remain hit every variant alike rather than one of them; medians are printed too.
 
-Memory. Peak bytes of tensors allocated during the step, above what was live before it (weights, LoRA),
-from torch.profiler's memory timeline (profile_memory=True), which tracks every CPU tensor allocation and
-free, i.e. activations, saved tensors, gradients and temporaries. (RSS would be dominated by the weights
-and the allocator's caching and say nothing about the graph.) On CUDA the script uses
-torch.cuda.max_memory_allocated instead. Target: D-OPSD peak <= 1.15x one SFT step on the same batch.
+Memory. CPU: `dopsd_core.memtrack.PeakTensorMemory`, a TorchDispatchMode that counts every tensor storage
+created during the step (forward and backward: activations, saved tensors, gradients, temporaries) and
+releases it when the storage is really freed (a weakref finalizer on the storage). It is the CPU
+analogue of torch.cuda.max_memory_allocated: the peak bytes above what was alive before the step
+(weights, LoRA). Why not the alternatives: RSS (ru_maxrss, even in a fresh subprocess) is dominated by the
+weights, the interpreter and glibc's malloc cache and only ever grows, so it cannot resolve one graph
+versus four; tracemalloc does not see torch's allocator; torch.profiler's CPU memory timeline missed half
+of a plain 2 x 100 MB allocation when we checked it. With CUDA, torch.cuda.max_memory_allocated is printed
+as well. Target: D-OPSD peak <= 1.15x one SFT step (one forward+backward) on the same model and batch.
+
 Exits non-zero if a target is missed.
 """
 import argparse
-import json
 import os
+import statistics
 import sys
-import tempfile
 import time
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +41,7 @@ from torch import nn
 
 sys.path.append(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from dopsd_core import lora, objectives, schedules  # noqa: E402
+from dopsd_core.memtrack import PeakTensorMemory  # noqa: E402
 
 TIME_TARGET, MEM_TARGET = 1.10, 1.15
 
@@ -74,16 +86,17 @@ class TinyDiT(nn.Module):
         return out.view(b, hgt // p, wid // p, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(b, c, hgt, wid)
 
 
-def build(seed=0, batch=2, size=32):
+def build(seed=0, batch=2, size=32, device="cpu"):
     torch.manual_seed(seed)
-    model = TinyDiT().requires_grad_(False)
+    model = TinyDiT().requires_grad_(False).to(device)
     net = lora.LoRANetwork.for_module(model, rank=16, seed=seed)
     net.attach(model)
-    with torch.no_grad():
+    with torch.no_grad():  # a student and a teacher that differ, as after some training
         for m in net.loras:
             m.up.normal_(0, 0.02)
             m.ema_up.normal_(0, 0.02)
-    cs, ct = torch.randn(1, 32, 64), torch.randn(1, 48, 64)
+    # the teacher's context is longer: text + image tokens, as in D-OPSD's c_t
+    cs, ct = torch.randn(1, 32, 64, device=device), torch.randn(1, 48, 64, device=device)
 
     def student(x, s):
         with net.mode("student"):
@@ -93,8 +106,8 @@ def build(seed=0, batch=2, size=32):
         with net.mode("teacher"):
             return model(x, s, ct)
 
-    x0 = torch.randn(batch, 16, size, size)
-    noise = torch.randn(batch, 16, size, size)
+    x0 = torch.randn(batch, 16, size, size, device=device)
+    noise = torch.randn(batch, 16, size, size, device=device)
     return model, net, student, teacher, x0, noise
 
 
@@ -102,10 +115,9 @@ def unavoidable(student, teacher, states, sigmas):
     """Exactly K student forward+backward and K teacher forwards, nothing else."""
     for x, s in zip(states, sigmas):
         sig = s.expand(x.shape[0])
-        v_s = student(x, sig)
         with torch.no_grad():
             v_t = teacher(x, sig)
-        F.mse_loss(v_s, v_t).backward()
+        F.mse_loss(student(x, sig), v_t).backward()
 
 
 def naive(student, teacher, noise, sigmas):
@@ -127,83 +139,92 @@ def naive(student, teacher, noise, sigmas):
     (total / len(sigmas)).backward()
 
 
-def timed(fn, net):
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, net, device):
+    clock = time.perf_counter if device == "cuda" else time.process_time
     for p in net.trainable_parameters():
         p.grad = None
-    t = time.perf_counter()
+    _sync(device)
+    t = clock()
     fn()
-    return time.perf_counter() - t
+    _sync(device)
+    return clock() - t
 
 
-def peak_bytes(fn, net):
+def peak_memory(fn, net, device):
+    """(tracked peak bytes, CUDA max_memory_allocated delta or None) of one call."""
     for p in net.trainable_parameters():
         p.grad = None
-    if torch.cuda.is_available():
+    cuda_peak = None
+    if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
+    with PeakTensorMemory() as m:
         fn()
+    if device == "cuda":
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
-        fn()
-    with tempfile.TemporaryDirectory() as d:
-        path = os.path.join(d, "timeline.json")
-        with warnings.catch_warnings():  # deprecated for CUDA users; still the CPU timeline
-            warnings.simplefilter("ignore", FutureWarning)
-            prof.export_memory_timeline(path, device="cpu")
-        with open(path) as f:
-            _, sizes = json.load(f)
-    totals = [sum(row) for row in sizes]
-    return max(totals) - totals[0]
+        cuda_peak = torch.cuda.max_memory_allocated() - base
+    return m.peak, cuda_peak
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--k", type=int, default=4, help="rollout states (official: 4 of an 8-step schedule)")
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (CPU time is summed over them)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    model, net, student, teacher, x0, noise = build()
-    sigmas = schedules.rollout_sigmas(schedules.simple_sigmas(2 * args.k, 3.0), args.k)
+    dev = args.device
+    model, net, student, teacher, x0, noise = build(batch=args.batch, device=dev)
+    sigmas = schedules.rollout_sigmas(schedules.simple_sigmas(2 * args.k, 3.0), args.k).to(dev)
     opts = objectives.DOPSDOptions()
     states = objectives.dopsd_step(student, teacher, noise, sigmas, opts, backward=False).states
+    sft_sigma = torch.full((x0.shape[0],), 0.7, device=dev)
 
     variants = {
         "dopsd": lambda: objectives.dopsd_step(student, teacher, noise, sigmas, opts),
         "unavoidable": lambda: unavoidable(student, teacher, states, sigmas),
         "naive": lambda: naive(student, teacher, noise, sigmas),
+        "sft(1 pass)": lambda: objectives.sft_step(student, x0, noise, sft_sigma, opts),
     }
     for fn in variants.values():  # warm-up
-        timed(fn, net)
+        timed(fn, net, dev)
     times = {k: [] for k in variants}
     for _ in range(args.reps):
         for name, fn in variants.items():
-            times[name].append(timed(fn, net))
+            times[name].append(timed(fn, net, dev))
     best = {k: min(v) for k, v in times.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
 
-    sft_sigma = torch.full((x0.shape[0],), 0.7)
-    mem = {
-        "sft": peak_bytes(lambda: objectives.sft_step(student, x0, noise, sft_sigma, opts), net),
-        "dopsd": peak_bytes(variants["dopsd"], net),
-        "naive": peak_bytes(variants["naive"], net),
-    }
+    mem = {name: peak_memory(variants[name], net, dev) for name in ("sft(1 pass)", "dopsd", "naive")}
+
     n_params = sum(p.numel() for p in model.parameters())
-    print(f"model: {n_params / 1e6:.2f} M params, LoRA {sum(p.numel() for p in net.trainable_parameters()) / 1e6:.2f} M, "
-          f"batch {x0.shape[0]} x {tuple(x0.shape[1:])}, K = {args.k}, device {'cuda' if torch.cuda.is_available() else 'cpu'}, "
-          f"{args.threads} threads, {args.reps} reps")
+    print(f"model: {n_params / 1e6:.2f} M params, LoRA {sum(p.numel() for p in net.trainable_parameters()) / 1e6:.2f} M"
+          f" (rank 16, all Linear), batch {x0.shape[0]} x {tuple(x0.shape[1:])}, K = {args.k}, device {dev}, "
+          f"{torch.get_num_threads()} threads, {args.reps} interleaved reps, "
+          f"{'wall' if dev == 'cuda' else 'process CPU'} time")
     for name in variants:
-        print(f"time {name:12s} min {best[name] * 1e3:8.1f} ms   (all: {', '.join(f'{t * 1e3:.0f}' for t in times[name])})")
-    for name, b in mem.items():
-        print(f"peak memory above weights, {name:6s}: {b / 2 ** 20:8.1f} MiB")
+        print(f"time {name:12s} min {best[name] * 1e3:8.1f} ms  median {med[name] * 1e3:8.1f} ms  "
+              f"(all: {', '.join(f'{t * 1e3:.0f}' for t in times[name])})")
+    for name, (tracked, cuda_peak) in mem.items():
+        extra = f"   cuda max_memory_allocated {cuda_peak / 2 ** 20:8.1f} MiB" if cuda_peak is not None else ""
+        print(f"peak tensor memory above weights, {name:12s}: {tracked / 2 ** 20:8.1f} MiB{extra}")
     t_ratio = best["dopsd"] / best["unavoidable"]
-    m_ratio = mem["dopsd"] / mem["sft"]
-    print(f"time ratio dopsd/unavoidable = {t_ratio:.3f} (target <= {TIME_TARGET})")
+    m_ratio = mem["dopsd"][0] / mem["sft(1 pass)"][0]
+    print(f"time ratio dopsd/unavoidable = {t_ratio:.3f} (target <= {TIME_TARGET}); "
+          f"median-based {med['dopsd'] / med['unavoidable']:.3f}")
     print(f"time ratio naive/dopsd = {best['naive'] / best['dopsd']:.3f}")
     print(f"memory ratio dopsd/sft = {m_ratio:.3f} (target <= {MEM_TARGET})")
-    print(f"memory ratio naive/sft = {mem['naive'] / mem['sft']:.3f}")
+    print(f"memory ratio naive/sft = {mem['naive'][0] / mem['sft(1 pass)'][0]:.3f}")
+    if mem["dopsd"][1] is not None:
+        print(f"cuda memory ratio dopsd/sft = {mem['dopsd'][1] / mem['sft(1 pass)'][1]:.3f}")
     ok = t_ratio <= TIME_TARGET and m_ratio <= MEM_TARGET
     print("PASS" if ok else "FAIL: a target was missed")
     return 0 if ok else 1

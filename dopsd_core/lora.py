@@ -226,7 +226,10 @@ class LoRANetwork(nn.Module):
     @torch.no_grad()
     def load_comfy_state_dict(self, sd: Dict[str, torch.Tensor], prefix: str = "diffusion_model.",
                               into: Iterable[str] = ("student", "teacher"), strict: bool = True):
-        """Load ComfyUI-format factors; the rank and alpha of the file win (modules are resized)."""
+        """Load ComfyUI-format factors; the rank and alpha of the file win (modules are resized).
+
+        A resized module gets new Parameter objects: load before building a Trainer/optimizer on `net`.
+        Loading into both student and teacher (the default) is the warm start for continuing a LoRA."""
         expected = {prefix + n for n in self.names}
         present = {k.rsplit(".lora_", 1)[0] for k in sd if ".lora_up.weight" in k or ".lora_down.weight" in k}
         if strict and present != expected:

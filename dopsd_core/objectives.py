@@ -12,7 +12,10 @@ early, high-noise steps more and converged faster there); `detach_states=True` c
 steps (no backprop through the rollout) which also lets each step's graph be freed right after its
 backward, so memory stays that of one forward/backward.
 The student's forward at x_k is used twice: as the training forward and as the velocity of the Euler
-update that produces x_{k+1}; no separate no-grad rollout pass is made.
+update that produces x_{k+1}; no separate no-grad rollout pass is made. The teacher runs first at each
+state, under no_grad, so its temporaries are gone before the student's graph is built; the per-step
+backward gives the same gradient as the official code's single backward of the summed loss (the
+states are detached there too) while keeping one graph alive instead of K.
 """
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence

@@ -350,9 +350,9 @@ class Trainer:
         if list(state.get("lora_ranks", ranks)) != ranks:
             raise ValueError(f"checkpoint LoRA rank {state['lora_ranks'][0]} differs from this network's "
                              f"rank {ranks[0]}; build the network with the checkpoint's rank")
+        current = self.cfg.to_dict()
         changed = [k for k, v in state["config"].items()
-                   if k not in ("steps", "save_every", "keep_checkpoints", "preview_every")
-                   and self.cfg.to_dict().get(k, v) != v]
+                   if k not in ("steps", "save_every", "keep_checkpoints", "preview_every") and current.get(k, v) != v]
         if changed:
             warnings.warn(f"resuming with settings that differ from the checkpoint's: {', '.join(changed)}; "
                           "the continuation will not match an uninterrupted run")

@@ -1,6 +1,17 @@
 """Tiny torch flow models for dopsd_core tests and benchmarks (no ComfyUI)."""
+import pytest
 import torch
 from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def single_thread():
+    """Core tests run tiny models: one intra-op thread. On a shared 2-core machine two OpenMP threads
+    wait on each other whenever a neighbour holds a core, which made a 20-step run 80x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class TinyFlowModel(nn.Module):

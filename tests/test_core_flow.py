@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from dopsd_core import flow, sampler, schedules
+from core_models import single_thread  # noqa: F401 (autouse: one intra-op thread)
 
 
 def test_flow_identities():
@@ -72,3 +73,40 @@ def test_sample_euler_exact_for_linear_flow():
 
     out = sampler.sample_euler(v, noise, schedules.simple_sigmas(4, 3.0))
     torch.testing.assert_close(out, x0)
+
+
+def test_flow_convention_and_euler_equal_comfyui():
+    """Our x_t/x0/velocity arithmetic is ComfyUI's CONST, and sample_euler is k-diffusion's Euler with
+    denoised = x - sigma * v (what ComfyUI runs for a flow model)."""
+    comfy, _ = _comfy()
+    from comfy.k_diffusion import sampling as kd
+
+    const = comfy.model_sampling.CONST()
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 3, 3, generator=g), torch.randn(2, 4, 3, 3, generator=g)
+    sigma = torch.tensor([0.25, 0.8])
+    x_t = flow.add_noise(x0, noise, sigma)
+    torch.testing.assert_close(x_t, const.noise_scaling(sigma, noise, x0))
+    v = noise - x0
+    torch.testing.assert_close(flow.x0_from_velocity(x_t, sigma, v), const.calculate_denoised(sigma, v, x_t))
+
+    w = torch.randn(4, 4, generator=g) * 0.3
+
+    def velocity(x, s):  # any smooth field; the samplers must integrate it identically
+        return torch.tanh(torch.einsum("bchw,cd->bdhw", x, w)) + s.view(-1, 1, 1, 1)
+
+    def denoiser(x, s):
+        return const.calculate_denoised(s, velocity(x, s), x)
+
+    sigmas = schedules.simple_sigmas(8, 3.0)
+    ours = sampler.sample_euler(velocity, noise, sigmas)
+    theirs = kd.sample_euler(denoiser, const.noise_scaling(sigmas[0], noise, torch.zeros_like(noise)), sigmas,
+                             disable=True)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_flux2_scheduler_node_equals_ours():
+    _, nodes_flux = _comfy()
+    out = nodes_flux.Flux2Scheduler.execute(4, 1024, 768)
+    theirs = out[0] if isinstance(out, (tuple, list)) else out.result[0]
+    assert torch.equal(schedules.flux2_sigmas(4, 1024, 768), torch.as_tensor(theirs))

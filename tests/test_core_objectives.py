@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from core_models import TinyFlowModel
+from core_models import TinyFlowModel, single_thread  # noqa: F401 (autouse)
 from dopsd_core import flow, lora, objectives, sampler, schedules
 
 
@@ -124,7 +124,7 @@ def test_sft_matches_flow_matching_target():
     res = objectives.sft_step(student, x0, noise, sigma, backward=False)
     x_t = flow.add_noise(x0, noise, sigma)
     expected = ((student(x_t, sigma) - (noise - x0)) ** 2).mean()
-    assert res.loss == pytest.approx(float(expected), rel=1e-10)
+    assert res.loss == pytest.approx(float(expected.detach()), rel=1e-10)
 
 
 def test_off_policy_states_are_noised_targets_not_rollouts():
@@ -140,3 +140,102 @@ def test_off_policy_states_are_noised_targets_not_rollouts():
 def test_bad_options_raise():
     with pytest.raises(ValueError, match="loss_space"):
         objectives.DOPSDOptions(loss_space="eps")
+
+
+def test_gradcheck_of_the_detached_objective():
+    """torch.autograd.gradcheck on one LoRA factor: the per-step backward of dopsd_step computes the
+    derivative of the mean loss with the rollout states held fixed (finite differences agree)."""
+    model, net, student, teacher = _setup(dtype=torch.float64)
+    noise = torch.randn(2, 16, dtype=torch.float64)
+    sig = torch.tensor([1.0, 0.75, 0.5], dtype=torch.float64)
+    up = net["out"].up
+    with torch.no_grad():  # the states of the rollout at the current parameters
+        states = objectives.dopsd_step(student, teacher, noise, sig, backward=False).states
+
+    class Loss(torch.nn.Module):  # the mean loss on fixed states, as a function of the LoRA factors
+        def __init__(self):
+            super().__init__()
+            self.net = net
+
+        def forward(self):
+            terms = []
+            for x, s in zip(states, sig):
+                sb = s.expand(2)
+                with torch.no_grad():
+                    v_t = teacher(x, sb)
+                terms.append(((student(x, sb) - v_t) ** 2).mean())
+            return torch.stack(terms).mean()
+
+    name = f"net.loras.{net.names.index('out')}.up"
+
+    def loss_at(u):
+        return torch.func.functional_call(Loss(), {name: u}, ())
+
+    u0 = up.detach().clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(loss_at, (u0,), eps=1e-6, atol=1e-7, fast_mode=True)
+    objectives.dopsd_step(student, teacher, noise, sig)
+    (ref,) = torch.autograd.grad(loss_at(u0), u0)
+    torch.testing.assert_close(up.grad, ref, rtol=1e-10, atol=1e-12)
+
+
+def test_x0_loss_is_sigma_squared_weighted_velocity_loss():
+    _, _, student, teacher = _setup(dtype=torch.float64)
+    noise = torch.randn(2, 16, dtype=torch.float64)
+    sig = torch.tensor([1.0, 0.9, 0.75, 0.5], dtype=torch.float64)
+    v = objectives.dopsd_step(student, teacher, noise, sig, objectives.DOPSDOptions("velocity"), backward=False)
+    x = objectives.dopsd_step(student, teacher, noise, sig, objectives.DOPSDOptions("x0"), backward=False)
+    for s, lv, lx in zip(sig.tolist(), v.per_step, x.per_step):
+        assert lx == pytest.approx(s * s * lv, rel=1e-9)
+
+
+def test_loss_steps_subset_still_rolls_out_every_state():
+    _, _, student, teacher = _setup()
+    noise = torch.randn(2, 16)
+    sig = torch.tensor([1.0, 0.9, 0.75, 0.5])
+    full = objectives.dopsd_step(student, teacher, noise, sig, backward=False)
+    part = objectives.dopsd_step(student, teacher, noise, sig, objectives.DOPSDOptions(loss_steps=[-1]),
+                                 backward=False)
+    assert all(torch.equal(a, b) for a, b in zip(full.states, part.states))
+    assert part.per_step == [pytest.approx(full.per_step[-1])]
+    assert part.loss == pytest.approx(full.per_step[-1])
+
+
+def test_teacher_is_evaluated_on_the_students_states_without_grad():
+    _, _, student, teacher = _setup()
+    seen = []
+
+    def spy(x, s):
+        seen.append((x.clone(), torch.is_grad_enabled()))
+        return teacher(x, s)
+
+    res = objectives.dopsd_step(student, spy, torch.randn(2, 16), torch.tensor([1.0, 0.75, 0.5]))
+    assert [g for _, g in seen] == [False] * 3
+    assert all(torch.equal(a, b) for (a, _), b in zip(seen, res.states))
+
+
+def test_memory_stays_that_of_one_forward_backward():
+    """Per-step backward frees each step's graph: peak memory ~ one SFT step, not K graphs."""
+    from dopsd_core.memtrack import peak_bytes
+
+    torch.manual_seed(0)
+    model = TinyFlowModel(dim=64, hidden=256, depth=3).requires_grad_(False)
+    net = lora.LoRANetwork.for_module(model, rank=4, seed=0)
+    net.attach(model)
+    cs, ct = torch.randn(1, 8), torch.randn(1, 8)
+
+    def student(x, s):
+        with net.mode("student"):
+            return model(x, s, cs)
+
+    def teacher(x, s):
+        with net.mode("teacher"):
+            return model(x, s, ct)
+
+    x0, noise = torch.randn(32, 64), torch.randn(32, 64)
+    sig = torch.tensor([1.0, 0.9, 0.75, 0.5, 0.3])
+    sft = peak_bytes(lambda: objectives.sft_step(student, x0, noise, torch.full((32,), 0.5)))
+    dopsd = peak_bytes(lambda: objectives.dopsd_step(student, teacher, noise, sig))
+    bptt = peak_bytes(lambda: objectives.dopsd_step(student, teacher, noise, sig,
+                                                    objectives.DOPSDOptions(detach_states=False)))
+    assert dopsd < 1.15 * sft
+    assert bptt > 3 * sft  # keeping the graphs (BPTT) costs K times more: the tracker sees graphs
