@@ -88,3 +88,7 @@ class TestTinyVAE:
 
 
 NODE_CLASS_MAPPINGS = {"TestTinyVAE": TestTinyVAE}
+
+from .tiny_klein_clip import NODE_CLASS_MAPPINGS as _KLEIN_CLIP  # noqa: E402  (used by tests/test_web_*.py)
+
+NODE_CLASS_MAPPINGS.update(_KLEIN_CLIP)
