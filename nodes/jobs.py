@@ -258,7 +258,11 @@ class Job:
                 self.trainer = Trainer(self.net, task, self.cfg, control=self.control, on_progress=self._on_progress,
                                        on_checkpoint=self._checkpoint, step_context=self._step_context)
                 if self.resume_from:
-                    ckpt.load_checkpoint(self.resume_from, self.trainer)
+                    try:
+                        ckpt.load_checkpoint(self.resume_from, self.trainer)
+                    except Exception as e:
+                        raise ValueError(f"cannot resume from {self.resume_from}: it is not a training_state.pt of "
+                                         f"a job with the same settings ({type(e).__name__}: {e})") from e
                     self.step = self.trainer.step
                 result = self.trainer.train()
             if result.stopped and not self.control.save_on_stop:

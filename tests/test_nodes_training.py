@@ -236,3 +236,20 @@ def test_gradient_checkpointing_and_plain_blocks_give_the_same_gradient(N, flux2
     lora_patch.uninstall(mp)
     assert plain.abs().sum() > 0
     torch.testing.assert_close(plain, ckpt, rtol=1e-3, atol=1e-6)  # float reordering only
+
+
+def test_resume_from_training_state_continues_and_bad_file_is_named(N, flux2, loras_dir, tmp_path):
+    model, vae = flux2
+    pairs = flux2_pairs(N, vae)
+    first, _ = start_job(N, model, pairs, steps=2, save_prefix="dopsd/resumable", save_every=2)
+    assert wait_state(first, ("finished", "error")) == "finished", first.error
+    state = os.path.join(first.job_dir, "training_state.pt")
+    assert os.path.isfile(state)
+    second, _ = start_job(N, model, pairs, steps=4, resume_from=state)
+    assert wait_state(second, ("finished", "error")) == "finished", second.error
+    assert second.step == 4 and len(second.trainer.losses) == 4
+    bad = tmp_path / "not_a_state.pt"
+    bad.write_bytes(b"garbage")
+    third, _ = start_job(N, model, pairs, steps=2, resume_from=str(bad))
+    assert wait_state(third, ("finished", "error")) == "error"
+    assert "not a training_state.pt" in third.error
