@@ -17,7 +17,7 @@ def _to_tensor(image) -> torch.Tensor:
 
 def _prepare(images_and_captions, trigger: str, resolution: int):
     """Resize each image to its aspect bucket and apply the trigger word."""
-    buckets = data.bucket_sizes(resolution, step=64)
+    buckets = data.bucket_sizes(resolution, step=64 if resolution >= 256 else 16)
     items = []
     for image, caption in images_and_captions:
         size = data.nearest_bucket(image.width, image.height, buckets)
@@ -37,7 +37,7 @@ class DOPSDDatasetFromFolder(io.ComfyNode):
                 io.String.Input("folder", default="dopsd_dataset",
                                 tooltip="Folder (or .jsonl file) relative to ComfyUI/input."),
                 io.String.Input("trigger", default="", tooltip="Replaces [trigger] in captions; otherwise prepended."),
-                io.Int.Input("resolution", default=512, min=64, max=4096, step=64,
+                io.Int.Input("resolution", default=512, min=32, max=4096, step=32,
                              tooltip="Training area is about resolution^2; each image goes to its aspect bucket."),
             ],
             outputs=[Dataset.Output(display_name="dataset")],
@@ -73,7 +73,7 @@ class DOPSDDatasetFromImages(io.ComfyNode):
                 io.Image.Input("images"),
                 io.String.Input("captions", multiline=True, default="a photo of [trigger]"),
                 io.String.Input("trigger", default=""),
-                io.Int.Input("resolution", default=512, min=64, max=4096, step=64),
+                io.Int.Input("resolution", default=512, min=32, max=4096, step=32),
             ],
             outputs=[Dataset.Output(display_name="dataset")],
         )

@@ -35,6 +35,7 @@ class ToyDiffusionModel(torch.nn.Module):
     def __init__(self, dit=None, device=None, operations=None, dtype=None, **unused):
         super().__init__()
         self.dit = dit
+        self.dtype = next(dit.parameters()).dtype  # ComfyUI reads diffusion_model.dtype
 
     def forward(self, x, timesteps, context=None, attention_mask=None, transformer_options={}, **kwargs):
         mask = attention_mask.bool() if attention_mask is not None else None
