@@ -26,22 +26,19 @@ async def job_status(request):
     return web.json_response(_job_or_404(request).status())
 
 
-async def pause(request):
-    job = _job_or_404(request)
-    try:
-        job.pause()
-    except RuntimeError as e:
-        return _conflict(str(e))
-    return web.json_response(job.status())
+def _transition(action: str):
+    """A route that calls job.<action>() and answers 409 when the job's state does not allow it."""
+    async def handler(request):
+        job = _job_or_404(request)
+        try:
+            getattr(job, action)()
+        except RuntimeError as e:
+            return _conflict(str(e))
+        return web.json_response(job.status())
+    return handler
 
 
-async def resume(request):
-    job = _job_or_404(request)
-    try:
-        job.resume()
-    except RuntimeError as e:
-        return _conflict(str(e))
-    return web.json_response(job.status())
+pause, resume = _transition("pause"), _transition("resume")
 
 
 async def stop(request):
