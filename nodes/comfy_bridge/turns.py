@@ -65,10 +65,6 @@ class ModelTurn:
                 self._steps_running -= 1
                 self._cond.notify_all()
 
-    def wait_worker_idle(self, timeout=None) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: not (self._worker_holds or self._worker_wants), timeout)
-
 
 TURN = ModelTurn()
 _installed_on = None
