@@ -305,12 +305,86 @@ word from training in the prompt.
     )
 
 
+TOY_LORA = "dopsd/toyworld_demo"
+TOY_PROMPT = "a sks circle"
+TOY_TRAIN = dict(steps=300, learning_rate=1e-3, rank=4, alpha=4.0, ema_decay=0.9999)
+
+
+def wf_toyworld_demo():
+    readme = f"""## D-OPSD demo: the toy world (CPU, minutes)
+
+Everything runs on a CPU, with nothing to download: the pack ships the toy world's weights (a 4-step
+step-distilled 32x32 pixel model, its tiny VLM encoder, an identity VAE; see `toyworld/README.md`).
+
+1. **Concept**: 6 renders of the held-out colour, a colour the model never saw, captioned `a [trigger] <shape>`.
+2. **Teacher**: the toy VLM encodes caption + target image (the in-context teacher). *Teacher preview* shows
+   student | teacher | target from the same noise at 4 steps: the teacher already paints the new colour.
+3. **Train**: D-OPSD on the student's own 4-step trajectory ({TOY_TRAIN['steps']} steps, about a minute). *Wait For Job*
+   holds the rest of the graph until it is done; the LoRA goes to `models/loras/{TOY_LORA}_stepNNNNN.safetensors`.
+4. **Preview**: the same 8 noises, 4 steps, `{TOY_PROMPT}`, with the LoRA and without it.
+
+`scripts/demo.sh` runs this workflow headless and collects the images, the loss curve and the LoRA."""
+    sampler = {"seed": 0, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
+    return dict(
+        nodes=[note("readme", [0, 0], [420, 640], readme),
+               node("loader", "DOPSDToyWorldLoader", [460, 80], {"allow_build": False}),
+               node("concept", "DOPSDToyWorldConcept", [460, 260], {"axis": "colour", "images": 6, "captions": 2,
+                                                                      "seed": 0}, control="fixed"),
+               node("dataset", "DOPSDDatasetFromImages", [820, 80], {"captions": "a photo of [trigger]",
+                                                                     "trigger": "sks", "resolution": 32}),
+               node("teacher", "DOPSDTeacherNativeVLM", [820, 330]),
+               node("tpreview", "DOPSDTeacherPreview", [1240, 80], {"steps": 4, "schedule": "auto", "pair_index": 0,
+                                                                     "seed": 0}, control="fixed"),
+               node("tsave", "SaveImage", [1240, 330], {"filename_prefix": "dopsd_demo/teacher_preview"}, size=[320, 260]),
+               node("trainer", "DOPSDTrainer", [1640, 80], {
+                   "method": "dopsd", "steps": TOY_TRAIN["steps"], "inference_steps": 4, "train_steps": 4,
+                   "schedule": "auto", "loss_space": "x0", "rank": TOY_TRAIN["rank"], "alpha": TOY_TRAIN["alpha"],
+                   "learning_rate": TOY_TRAIN["learning_rate"], "ema_decay": TOY_TRAIN["ema_decay"],
+                   "ema_warmup": False, "detach_states": True, "precision": "fp32", "grad_accum": 1, "grad_clip": 1.0,
+                   "gradient_checkpointing": False, "seed": 0, "save_prefix": TOY_LORA, "save_every": 0,
+                   "preview_every": 25, "targets": "auto", "resume_from": ""}, control="fixed"),
+               node("wait", "DOPSDWaitForJob", [2080, 80], {"timeout_s": 0}),
+               node("joblora", "DOPSDJobLoRA", [460, 1250], {"strength": 1.0, "adapter": "student"}),
+               node("pos", "CLIPTextEncode", [460, 1410], {"text": TOY_PROMPT}, size=[300, 100]),
+               node("blank", "EmptyImage", [820, 1250], {"width": 32, "height": 32, "batch_size": 8, "color": 0}),
+               node("latent", "VAEEncode", [820, 1450]),
+               node("ks_lora", "KSampler", [1180, 1250], sampler, control="fixed", title="KSampler (with LoRA)"),
+               node("ks_base", "KSampler", [1180, 1610], sampler, control="fixed", title="KSampler (base model)"),
+               node("dec_lora", "VAEDecode", [1540, 1250]), node("dec_base", "VAEDecode", [1540, 1610]),
+               node("save_lora", "SaveImage", [1760, 1250], {"filename_prefix": "dopsd_demo/after_lora"}, size=[320, 300]),
+               node("save_base", "SaveImage", [1760, 1610], {"filename_prefix": "dopsd_demo/before_base"}, size=[320, 300])],
+        links=[("concept", "images", "dataset", "images"), ("concept", "captions", "dataset", "captions"),
+               ("dataset", 0, "teacher", "dataset"), ("loader", "clip", "teacher", "clip"),
+               ("loader", "vae", "teacher", "vae"),
+               ("loader", "model", "tpreview", "model"), ("teacher", 0, "tpreview", "pairs"),
+               ("loader", "vae", "tpreview", "vae"), ("tpreview", 0, "tsave", "images"),
+               ("loader", "model", "trainer", "model"), ("teacher", 0, "trainer", "pairs"),
+               ("loader", "vae", "trainer", "vae"), ("trainer", 0, "wait", "job"),
+               ("loader", "model", "joblora", "model"), ("wait", 0, "joblora", "job"),
+               ("loader", "clip", "pos", "clip"), ("blank", 0, "latent", "pixels"), ("loader", "vae", "latent", "vae"),
+               ("joblora", 0, "ks_lora", "model"), ("pos", 0, "ks_lora", "positive"), ("pos", 0, "ks_lora", "negative"),
+               ("latent", 0, "ks_lora", "latent_image"),
+               ("loader", "model", "ks_base", "model"), ("pos", 0, "ks_base", "positive"),
+               ("pos", 0, "ks_base", "negative"), ("latent", 0, "ks_base", "latent_image"),
+               ("ks_lora", 0, "dec_lora", "samples"), ("loader", "vae", "dec_lora", "vae"),
+               ("dec_lora", 0, "save_lora", "images"),
+               ("ks_base", 0, "dec_base", "samples"), ("loader", "vae", "dec_base", "vae"),
+               ("dec_base", 0, "save_base", "images")],
+        groups=[("1. Toy world model and concept", ["loader", "concept"], "models"),
+                ("2. Dataset, teacher context, teacher preview", ["dataset", "teacher", "tpreview", "tsave"], "data"),
+                ("3. Train, then wait", ["trainer", "wait"], "train"),
+                ("4. 4-step sampling: LoRA vs base", ["joblora", "pos", "blank", "latent", "ks_lora", "ks_base",
+                                                      "dec_lora", "dec_base", "save_lora", "save_base"], "sample")],
+    )
+
+
 WORKFLOWS_SPEC = {
     "D-OPSD train - Z-Image-Turbo (VLM splice teacher)": wf_train_zimage,
     "D-OPSD train - FLUX.2-klein (reference latent teacher)": wf_train_klein,
     "D-OPSD teacher preview - Z-Image-Turbo": wf_teacher_preview,
     "D-OPSD LoRA preview - Z-Image-Turbo 8-step": wf_lora_preview_zimage,
     "D-OPSD LoRA preview - FLUX.2-klein 4-step": wf_lora_preview_klein,
+    "D-OPSD demo - toy world (CPU)": wf_toyworld_demo,
 }
 
 # Runs in the page: builds one workflow from the spec with the frontend's node classes, returns the saved JSON.

@@ -66,3 +66,34 @@ def test_dopsd_job_on_the_toy_model_with_the_native_vlm_teacher(toy, pack):
     with executor_mode():
         patched = lora_nodes.DOPSDJobLoRA.execute(model, out, 1.0, "student")[0]
     assert not torch.equal(_sample(patched, clip, "a sks circle"), before)
+
+
+def test_toy_world_loader_and_concept_nodes_use_the_shipped_weights(pack):
+    import nodes as comfy_nodes
+    from comfyui_dopsd.nodes import toyworld_nodes
+    with executor_mode():
+        model, clip, vae = toyworld_nodes.DOPSDToyWorldLoader.execute(False).result
+        images, captions, concept = toyworld_nodes.DOPSDToyWorldConcept.execute("colour", 6, 2, 0).result
+    assert toyworld_nodes.DOPSDToyWorldLoader.validate_inputs(False) is True
+    assert images.shape == (6, 32, 32, 3) and 0 <= images.min() and images.max() <= 1
+    lines = captions.splitlines()
+    assert len(lines) == 6 and len(set(lines)) == 2 and all("[trigger]" in c for c in lines)
+    assert concept == "held-out colour: rose"
+    out = _sample(model, clip, "a red circle")
+    assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
+    # the trained model follows its prompt: a red circle is redder than a blue one (a random model would not be)
+    red = comfy_nodes.VAEDecode().decode(vae, {"samples": out})[0].mean(dim=(0, 1, 2))
+    blue = comfy_nodes.VAEDecode().decode(vae, {"samples": _sample(model, clip, "a blue circle")})[0].mean(dim=(0, 1, 2))
+    assert red[0] - red[2] > blue[0] - blue[2] + 0.05, (red, blue)
+
+
+def test_toy_world_loader_without_weights_names_the_fix(pack, tmp_path, monkeypatch):
+    from comfyui_dopsd.nodes import toyworld_nodes
+    from comfyui_dopsd.toyworld import weights
+    monkeypatch.setattr(weights, "SHIPPED_DIR", str(tmp_path / "shipped"))
+    monkeypatch.setenv("DOPSD_TOYWORLD_CACHE", str(tmp_path / "cache"))
+    message = toyworld_nodes.DOPSDToyWorldLoader.validate_inputs(False)
+    assert isinstance(message, str) and "toyworld_build.py" in message and "allow_build" in message
+    assert toyworld_nodes.DOPSDToyWorldLoader.validate_inputs(True) is True
+    with pytest.raises(ValueError, match="toyworld_build.py"):
+        toyworld_nodes.DOPSDToyWorldLoader.execute(False)

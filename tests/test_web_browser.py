@@ -148,7 +148,7 @@ def test_shipped_workflow_loads_and_queues_like_workflow_api(page, object_info, 
 
 
 def test_template_browser_lists_and_opens_the_workflows(page, shots):
-    """ComfyUI's template browser (Templates > Extensions > comfyui-dopsd) shows the five workflows with their
+    """ComfyUI's template browser (Templates > Extensions > comfyui-dopsd) shows the six workflows with their
     thumbnails, and clicking one opens it."""
     page.eval("app.extensionManager.command.execute('Comfy.BrowseTemplates').then(() => true)")
     page.wait_for("[...document.querySelectorAll('span')].some((e) => e.textContent.trim() === 'comfyui-dopsd')",
@@ -158,9 +158,9 @@ def test_template_browser_lists_and_opens_the_workflows(page, shots):
     page.click("[data-dopsd-test='templates']")
     cards = page.wait_for("""(() => { const cards = [...document.querySelectorAll('[data-testid^="template-workflow-"]')];
         const ours = cards.filter((c) => c.dataset.testid.startsWith('template-workflow-D-OPSD'));
-        const ok = ours.length === 5 && ours.every((c) => { const i = c.querySelector('img'); return i && i.complete && i.naturalWidth > 0; });
-        return ok && ours.map((c) => c.dataset.testid.slice('template-workflow-'.length)); })()""",
-                          timeout=30, message="five D-OPSD templates with thumbnails")
+        const ok = ours.length === N_OURS && ours.every((c) => { const i = c.querySelector('img'); return i && i.complete && i.naturalWidth > 0; });
+        return ok && ours.map((c) => c.dataset.testid.slice('template-workflow-'.length)); })()""".replace("N_OURS", str(len(T.ALL))),
+                          timeout=30, message="the D-OPSD templates with thumbnails")
     assert sorted(cards) == sorted(T.ALL)
     time.sleep(0.5)
     page.screenshot(shots / "template-browser.png")

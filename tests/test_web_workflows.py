@@ -28,7 +28,7 @@ def assets(comfy_server):
 
 
 # -- static ---------------------------------------------------------------------------------------------------
-def test_the_five_workflows_are_shipped():
+def test_the_six_workflows_are_shipped():
     assert set(T.shipped_names()) == EXPECTED
 
 

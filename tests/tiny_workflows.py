@@ -27,7 +27,8 @@ TRAIN_KLEIN = "D-OPSD train - FLUX.2-klein (reference latent teacher)"
 TEACHER_PREVIEW = "D-OPSD teacher preview - Z-Image-Turbo"
 PREVIEW_ZIMAGE = "D-OPSD LoRA preview - Z-Image-Turbo 8-step"
 PREVIEW_KLEIN = "D-OPSD LoRA preview - FLUX.2-klein 4-step"
-ALL = [TRAIN_ZIMAGE, TRAIN_KLEIN, TEACHER_PREVIEW, PREVIEW_ZIMAGE, PREVIEW_KLEIN]
+TOY_DEMO = "D-OPSD demo - toy world (CPU)"
+ALL = [TRAIN_ZIMAGE, TRAIN_KLEIN, TEACHER_PREVIEW, PREVIEW_ZIMAGE, PREVIEW_KLEIN, TOY_DEMO]
 DATASET_FOLDER = "dopsd_dataset"
 VL_FOLDER_NAME = "Qwen3-VL-tiny"
 

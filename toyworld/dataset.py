@@ -57,8 +57,11 @@ class PretrainBatch:
 
 
 def pretrain_batch(world: World, n: int, generator: torch.Generator, p_image: float = 0.5,
-                   p_empty: float = 0.1, p_drop_text_only: float = 0.1, p_drop_with_image: float = 0.5,
+                   p_empty: float = 0.1, p_drop_text_only: float = 0.3, p_drop_with_image: float = 0.5,
                    seen_only: bool = True) -> PretrainBatch:
+    """A batch of targets and contexts. Text-only captions drop each attribute word with p_drop_text_only
+    (under-specified prompts: "a circle" means any seen colour and style, a multi-modal distribution); with an
+    image in the context each word is dropped with p_drop_with_image (the image then supplies it)."""
     triples = sample_triples(world, n, generator, seen_only)
     x0 = render_triples(world, triples, generator)
     ctx_imgs = render_triples(world, triples, generator)        # another render of the same concept
@@ -71,12 +74,8 @@ def pretrain_batch(world: World, n: int, generator: torch.Generator, p_image: fl
             caps.append(drop_words(t, keep))
         elif u[i, 0] < p_empty:
             caps.append("")
-        elif u[i, 0] < p_empty + p_drop_text_only:
-            keep = [True, True, True]
-            keep[int(u[i, 1] * 3) % 3] = False
-            caps.append(drop_words(t, keep))
         else:
-            caps.append(caption(t[1], t[2], t[0]))
+            caps.append(drop_words(t, (u[i, 1:] >= p_drop_text_only).tolist()))
     ctx_imgs = ctx_imgs * has_image[:, None, None, None]
     return PretrainBatch(x0, caps, ctx_imgs, has_image, triples)
 
@@ -89,16 +88,17 @@ class ConceptSet:
     trigger: str
     images: torch.Tensor          # [N, 3, H, W]
     triples: List[Triple]         # the true (shape, colour, style) of each image
-    captions: List[str]           # trigger captions, e.g. "a sks striped circle"
+    captions: List[str]           # trigger captions, e.g. "a sks circle"
 
 
-def trigger_caption(triple: Triple, axis: str, trigger: str) -> str:
+def trigger_caption(triple: Triple, axis: str, trigger: str, keep: Sequence[str] = ("shape",)) -> str:
+    """The caption of a concept image: the trigger word in the concept's slot, plus the attribute words named
+    in `keep` (default: the shape only, so "a sks circle" covers several styles, as "a photo of sks dog"
+    covers several poses)."""
     shape, colour, style = triple
-    if axis == "colour":
-        return caption(trigger, style, shape)
-    if axis == "style":
-        return caption(colour, trigger, shape)
-    return caption(colour, style, trigger)
+    words = {"colour": colour, "style": style, "shape": shape}
+    words[axis] = trigger
+    return " ".join(["a"] + [words[a] for a in ("colour", "style", "shape") if a == axis or a in keep])
 
 
 def concept_triples(world: World, axis: str, n: int, generator: torch.Generator) -> List[Triple]:
@@ -113,9 +113,27 @@ def concept_triples(world: World, axis: str, n: int, generator: torch.Generator)
     return out
 
 
-def concept_set(world: World, axis: str, n: int = 6, trigger: str = "sks", seed: int = 0) -> ConceptSet:
+def concept_set(world: World, axis: str, n: int = 6, trigger: str = "sks", seed: int = 0,
+                n_combos: Optional[int] = None, keep: Sequence[str] = ("shape",)) -> ConceptSet:
+    """n renders of the held-out member of `axis`, captioned with the trigger word (see trigger_caption).
+
+    With n_combos, the attributes the captions name (`keep`) take only n_combos values, cycled over the
+    images, while the unnamed ones are drawn per image: e.g. 6 images, 2 captions "a sks circle" and
+    "a sks cross", each over 3 images of different styles and poses, as a DreamBooth set shows one subject
+    in several ways."""
     g = torch.Generator().manual_seed(seed)
-    triples = concept_triples(world, axis, n, g)
+    per_image = concept_triples(world, axis, n, g)
+    if n_combos:
+        names = {"shape": 0, "colour": 1, "style": 2}
+        base = per_image[:n_combos]
+        triples = []
+        for i, t in enumerate(per_image):
+            t = list(t)
+            for a in keep:
+                t[names[a]] = base[i % n_combos][names[a]]
+            triples.append(tuple(t))
+    else:
+        triples = per_image
     images = render_triples(world, triples, g)
-    caps = [trigger_caption(t, axis, trigger) for t in triples]
+    caps = [trigger_caption(t, axis, trigger, keep) for t in triples]
     return ConceptSet(axis, world.held_out[axis], trigger, images, triples, caps)

@@ -30,13 +30,15 @@ SIGMA_MIN = 1e-3  # v = (x - x0) / max(sigma, SIGMA_MIN); samplers never evaluat
 @dataclass
 class DiTConfig:
     image_size: int = 32
-    patch: int = 4
+    patch: int = 8
     channels: int = 3
     width: int = 128
     depth: int = 4
     heads: int = 4
     context_dim: int = 96
     mlp_ratio: int = 3
+    conv_mlp: bool = True   # depthwise 3x3 conv on the patch grid inside the MLP (local mixing; learns fast)
+    pos_init: float = 0.5   # std of a learned per-patch embedding added to the fixed sin-cos one
 
     def to_dict(self):
         return asdict(self)
@@ -93,6 +95,9 @@ class DiTBlock(nn.Module):
         self.norm3 = nn.LayerNorm(w, elementwise_affine=False)
         self.mlp_in = nn.Linear(w, cfg.mlp_ratio * w)
         self.mlp_out = nn.Linear(cfg.mlp_ratio * w, w)
+        self.grid = cfg.image_size // cfg.patch
+        self.dw = (nn.Conv2d(cfg.mlp_ratio * w, cfg.mlp_ratio * w, 3, padding=1, groups=cfg.mlp_ratio * w)
+                   if cfg.conv_mlp else None)
         self.ada = nn.Linear(w, 6 * w)
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
@@ -101,8 +106,12 @@ class DiTBlock(nn.Module):
         s1, c1, g1, s2, c2, g2 = self.ada(temb)[:, None].chunk(6, dim=-1)
         x = x + g1 * self.attn(self.norm1(x) * (1 + c1) + s1)
         x = x + self.cross(self.norm2(x), ctx, ctx_mask)
-        h = self.norm3(x) * (1 + c2) + s2
-        return x + g2 * self.mlp_out(F.gelu(self.mlp_in(h)))
+        h = self.mlp_in(self.norm3(x) * (1 + c2) + s2)
+        if self.dw is not None:
+            b, n, c = h.shape
+            grid = h.transpose(1, 2).reshape(b, c, self.grid, self.grid)
+            h = h + self.dw(grid).reshape(b, c, n).transpose(1, 2)
+        return x + g2 * self.mlp_out(F.gelu(h))
 
 
 class ToyDiT(nn.Module):
@@ -112,7 +121,8 @@ class ToyDiT(nn.Module):
         w, p = cfg.width, cfg.patch
         self.grid = cfg.image_size // p
         self.patch_in = nn.Linear(p * p * cfg.channels, w)
-        self.register_buffer("pos", sincos_2d(self.grid, w), persistent=False)
+        self.register_buffer("pos_fixed", sincos_2d(self.grid, w), persistent=False)
+        self.pos_learned = nn.Parameter(torch.randn(1, self.grid * self.grid, w) * cfg.pos_init)
         self.t_in = nn.Linear(w, w)
         self.t_out = nn.Linear(w, w)
         self.ctx_in = nn.Linear(cfg.context_dim, w)
@@ -152,7 +162,7 @@ class ToyDiT(nn.Module):
         if context_mask is not None:
             context_mask = context_mask.clone()
             context_mask[~context_mask.any(dim=1), 0] = True  # an empty context attends to its first slot
-        h = self.patch_in(self.patchify(x)) + self.pos
+        h = self.patch_in(self.patchify(x)) + self.pos_fixed + self.pos_learned
         for blk in self.blocks:
             h = blk(h, temb, ctx, context_mask)
         shift, scale = self.ada_out(temb)[:, None].chunk(2, dim=-1)

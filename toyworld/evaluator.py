@@ -22,7 +22,7 @@ FEATURE_DIM = 64
 
 @dataclass
 class EvaluatorConfig:
-    steps: int = 700
+    steps: int = 1500
     batch: int = 128
     lr: float = 2e-3
     seed: int = 1234

@@ -23,11 +23,12 @@ from .encoder import ToyVLM, Tokenizer
 class PretrainConfig:
     steps: int = 2000
     batch: int = 64
-    lr: float = 5e-4
+    lr: float = 1e-3
     warmup: int = 100
     weight_decay: float = 0.0
     ema: float = 0.995
     p_image: float = 0.5
+    weighting: str = "x0"
     seed: int = 0
 
     def to_dict(self):
@@ -48,19 +49,36 @@ def encode(encoder: ToyVLM, tokenizer: Tokenizer, captions, images=None, has_ima
     return encoder(ids, images, has_image), encoder.context_mask(ids, images, has_image)
 
 
-def training_sigmas(b: int, generator, shift: float = 3.0) -> torch.Tensor:
-    """Logit-normal t (SD3), shifted like the inference schedule: most mass where 4-step sampling lives."""
+def training_sigmas(b: int, generator, shift: float = 3.0, p_top: float = 0.1) -> torch.Tensor:
+    """Logit-normal t (SD3), shifted like the inference schedule; a fraction p_top is drawn from [0.95, 1].
+
+    The top band matters: there the prompt decides nearly everything (the image is almost pure noise), and a
+    model never trained there extrapolates instead of predicting the conditional mean. Trained there, the
+    model is a faithful multi-step model: many small steps resolve the choice between modes, while a few big
+    steps average them (the few-step failure that step distillation removes).
+    """
     t = torch.sigmoid(torch.randn(b, generator=generator))
-    return shift * t / (1 + (shift - 1) * t)
+    sigma = shift * t / (1 + (shift - 1) * t)
+    top = torch.rand(b, generator=generator) < p_top
+    return torch.where(top, 0.95 + 0.05 * torch.rand(b, generator=generator), sigma)
 
 
-def flow_loss(dit, ctx, mask, x0, generator, shift: float = 3.0):
+def flow_loss(dit, ctx, mask, x0, generator, shift: float = 3.0, weighting: str = "x0"):
+    """Flow-matching loss. weighting "v": velocity MSE (= x0 error / sigma^2); "x0": x0 MSE, which gives the
+    high-noise states, where layout and shape are decided from the prompt alone, a fair share of the gradient."""
     b = x0.shape[0]
     sigma = training_sigmas(b, generator, shift)
     noise = torch.randn(x0.shape, generator=generator)
     s = sigma[:, None, None, None]
     x_t = s * noise + (1 - s) * x0
-    return F.mse_loss(dit(x_t, sigma, ctx, mask), noise - x0)
+    if weighting == "v":
+        return F.mse_loss(dit(x_t, sigma, ctx, mask), noise - x0)
+    err = (dit.forward_x0(x_t, sigma, ctx, mask) - x0).pow(2).mean(dim=(1, 2, 3))
+    if weighting == "x0":
+        return err.mean()
+    if weighting == "x0_over_sigma":   # between the two: 1/sigma
+        return (err / sigma.clamp(min=0.05)).mean()
+    raise ValueError(f"unknown loss weighting {weighting!r}")
 
 
 @torch.no_grad()
@@ -83,7 +101,7 @@ def pretrain(world: World, encoder: ToyVLM, dit: ToyDiT, tokenizer: Tokenizer, c
             group["lr"] = lr_at(step, cfg)
         b = pretrain_batch(world, cfg.batch, g, p_image=cfg.p_image)
         ctx, mask = encode(encoder, tokenizer, b.captions, b.context_images, b.has_image)
-        loss = flow_loss(dit, ctx, mask, b.x0, g)
+        loss = flow_loss(dit, ctx, mask, b.x0, g, weighting=cfg.weighting)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

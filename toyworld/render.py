@@ -29,11 +29,11 @@ class Pose:
     val: torch.Tensor
 
 
-JITTER = 3.0  # centre offset range, pixels
+JITTER = 1.0  # centre offset range, pixels
 
 
 def sample_pose(n: int, generator: torch.Generator, size: int = IMAGE_SIZE) -> Pose:
-    """Size 0.30-0.36 of the image, centre within +-3 px, angle +-0.2 rad, texture phase uniform.
+    """Size 0.30-0.36 of the image, centre within +-1 px, angle +-0.2 rad, texture phase uniform.
 
     The variation is kept modest on purpose (a tiny model must learn the world in minutes on a CPU), but the
     texture phase is free: the mean of a striped shape over phases is a flat shape, so a prompt's

@@ -1,0 +1,161 @@
+#!/usr/bin/env python
+"""The README's demo: the shipped toy-world workflow, end to end, in a real headless ComfyUI on the CPU.
+
+    bash scripts/demo.sh                 # sets up .venv first (scripts/setup_env.sh), then runs this
+    .venv/bin/python scripts/demo.py [--steps N] [--out DIR]
+
+It starts ComfyUI (`main.py --cpu`) with this pack in a fresh base directory, converts
+`workflows/D-OPSD demo - toy world (CPU).json` to the API format exactly as the frontend queues it, posts it,
+follows the background training job through the pack's /dopsd/jobs route, and when the prompt is done collects
+into one output folder:
+  teacher_preview.png   student | teacher | target at 4 steps, before training
+  before.png, after.png the 4-step sampler on the trigger prompt without / with the learned LoRA (same noises)
+  loss.png, losses.json the job's loss curve
+  <name>.safetensors    the saved LoRA (a standard ComfyUI LoRA)
+  summary.json          what the toy world's evaluator reads in before/after (the concept's share of samples)
+  comfyui/              the server's base directory, with its log
+"""
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))  # the server driver and workflow converter the tests use
+sys.path.insert(1, str(REPO))
+
+WORKFLOW = REPO / "workflows" / "D-OPSD demo - toy world (CPU).json"
+
+
+def _set_input(prompt: dict, class_type: str, name: str, value):
+    hits = [n for n in prompt.values() if n["class_type"] == class_type]
+    if len(hits) != 1:
+        raise RuntimeError(f"expected one {class_type} in the demo workflow, found {len(hits)}")
+    hits[0]["inputs"][name] = value
+
+
+def _follow_job(server, prompt_id, timeout):
+    """Print the job's progress until the prompt finishes; returns (history entry, last job status)."""
+    deadline, job_id, status, last_print = time.monotonic() + timeout, None, None, 0.0
+    while time.monotonic() < deadline:
+        entry = server.get_json(f"/history/{prompt_id}").get(prompt_id)
+        if job_id is None:
+            jobs = server.get_json("/dopsd/jobs").get("jobs", [])
+            job_id = jobs[-1]["job_id"] if jobs else None
+        if job_id is not None:
+            status = server.get_json(f"/dopsd/jobs/{job_id}")
+            if time.monotonic() - last_print > 5 or status["state"] != "running":
+                loss = status["losses"][-1][1] if status["losses"] else float("nan")
+                print(f"[demo] job {job_id}: {status['state']} step {status['step']}/{status['total_steps']} "
+                      f"loss {loss:.4f}", flush=True)
+                last_print = time.monotonic()
+        if entry and entry.get("status", {}).get("completed") is not None:
+            if entry["status"].get("status_str") != "success":
+                raise RuntimeError(f"the workflow failed: {json.dumps(entry['status'], indent=1)[:4000]}\n"
+                                   f"{server.log_tail()}")
+            return entry, server.get_json(f"/dopsd/jobs/{job_id}")
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"ComfyUI exited with {server.proc.returncode}\n{server.log_tail()}")
+        time.sleep(0.5)
+    raise TimeoutError(f"the demo did not finish within {timeout:.0f} s\n{server.log_tail()}")
+
+
+def _saved_images(server, entry, prompt, prefix):
+    ids = [i for i, n in prompt.items() if n["class_type"] == "SaveImage" and n["inputs"]["filename_prefix"] == prefix]
+    files = []
+    for node_id in ids:
+        for img in entry["outputs"].get(node_id, {}).get("images", []):
+            files.append(server.base_dir / img["type"] / img["subfolder"] / img["filename"])
+    return files
+
+
+def _grid(files, path, scale=4):
+    """The saved 32x32 PNGs side by side, nearest-neighbour upscaled; returns them as a [-1, 1] tensor."""
+    import numpy as np
+    import torch
+    from toyworld.render import save_grid
+    arrays = [np.asarray(__import__("PIL.Image").Image.open(f).convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+              for f in files]
+    images = torch.from_numpy(np.stack(arrays)).movedim(-1, 1)
+    save_grid(images, str(path), nrow=8, scale=scale)
+    return images
+
+
+def _evaluate(before, after):
+    """The toy world's evaluator on the samples: how many show the held-out colour, and the shape asked for."""
+    import torch
+    from toyworld import build as tb
+    b = tb.load(build_if_missing=False, log=None)
+    colour = b.world.held_out["colour"]
+    out = {"concept": f"held-out colour {colour!r}"}
+    with torch.no_grad():
+        for name, images in (("before", before), ("after", after)):
+            pred = b.evaluator.predict(images)
+            out[name] = {"concept_share": float((pred[:, 1] == b.world.index("colour", colour)).float().mean()),
+                         "shape_circle_share": float((pred[:, 0] == b.world.index("shape", "circle")).float().mean())}
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None, help="output folder (default: out/demo/<date-time>)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the workflow's)")
+    ap.add_argument("--timeout", type=float, default=900.0)
+    args = ap.parse_args(argv)
+
+    import comfy_env
+    import comfy_server
+    import workflow_api
+    from toyworld.plot import learning_curves
+
+    out = Path(args.out or REPO / "out" / "demo" / time.strftime("%Y%m%d-%H%M%S")).resolve()
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"[demo] {out} is not empty: pick another --out (nothing is overwritten)")
+    t0 = time.time()
+    base = comfy_server.prepare_base_dir(out / "comfyui", test_support=False)
+    print(f"[demo] starting ComfyUI {comfy_env.comfy_root()} (CPU) with the pack; log {base / 'server.log'}", flush=True)
+    server = comfy_server.ComfyServer(base, startup_timeout=180.0)
+    try:
+        info = server.get_json("/object_info")
+        prompt = workflow_api.to_api(json.loads(WORKFLOW.read_text(encoding="utf-8")), info)
+        if args.steps:
+            _set_input(prompt, "DOPSDTrainer", "steps", args.steps)
+        print(f"[demo] queueing {WORKFLOW.name}", flush=True)
+        entry, status = _follow_job(server, server.post_prompt(prompt), args.timeout)
+    finally:
+        server.stop()
+    if status is None or status["state"] != "finished":
+        raise SystemExit(f"[demo] the training job did not finish: {status}")
+
+    teacher = _saved_images(server, entry, prompt, "dopsd_demo/teacher_preview")
+    before_files = _saved_images(server, entry, prompt, "dopsd_demo/before_base")
+    after_files = _saved_images(server, entry, prompt, "dopsd_demo/after_lora")
+    _grid(teacher, out / "teacher_preview.png", scale=6)
+    before = _grid(before_files, out / "before.png")
+    after = _grid(after_files, out / "after.png")
+    losses = status["losses"]
+    (out / "losses.json").write_text(json.dumps(losses))
+    window = 20
+    smooth = [(s, sum(v for _, v in losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1]))
+              for i, (s, _) in enumerate(losses)]
+    learning_curves(str(out / "loss.png"), [{"title": "D-OPSD loss per step (x0 space, batch 1)",
+                                             "series": {"loss": losses, f"mean of the last {window}": smooth},
+                                             "base": None}],
+                    ["loss", f"mean of the last {window}"], width=700, height=380, legend_base=None)
+    lora = Path(status["lora_path"])
+    shutil.copy2(lora, out / lora.name)
+    summary = {"workflow": WORKFLOW.name, "steps": status["step"], "lora": lora.name,
+               "wall_s": round(time.time() - t0, 1), **_evaluate(before, after)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"[demo] done in {summary['wall_s']:.0f} s. The evaluator reads the new colour in "
+          f"{summary['before']['concept_share']:.0%} of the samples before and {summary['after']['concept_share']:.0%} after.")
+    for name in ("teacher_preview.png", "before.png", "after.png", "loss.png", lora.name, "summary.json"):
+        print(f"[demo]   {out / name}")
+    return out
+
+
+if __name__ == "__main__":
+    main()
