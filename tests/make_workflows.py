@@ -318,10 +318,13 @@ step-distilled 32x32 pixel model, its tiny VLM encoder, an identity VAE; see `to
 
 1. **Concept**: 6 renders of the held-out colour, a colour the model never saw, captioned `a [trigger] <shape>`.
 2. **Teacher**: the toy VLM encodes caption + target image (the in-context teacher). *Teacher preview* shows
-   student | teacher | target from the same noise at 4 steps: the teacher already paints the new colour.
+   student | teacher | target from the same noise at 4 steps: with the image in its context the teacher
+   turns towards the new colour (0.95 of its samples read as `rose` over many noises, see toyworld/README.md).
 3. **Train**: D-OPSD on the student's own 4-step trajectory ({TOY_TRAIN['steps']} steps, about a minute). *Wait For Job*
    holds the rest of the graph until it is done; the LoRA goes to `models/loras/{TOY_LORA}_stepNNNNN.safetensors`.
 4. **Preview**: the same 8 noises, 4 steps, `{TOY_PROMPT}`, with the LoRA and without it.
+   Try `a red circle` as well: the LoRA also tints ordinary prompts towards the new colour (measured in the
+   README's toy-world results).
 
 `scripts/demo.sh` runs this workflow headless and collects the images, the loss curve and the LoRA."""
     sampler = {"seed": 0, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
