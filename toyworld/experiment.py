@@ -162,17 +162,21 @@ def in_context_reference(b: Build, ev: Evaluation, images: torch.Tensor, axis: s
     return {"concept_acc": r["concept_acc"], "fd_trig": r["fd"]}
 
 
-def run_method(b: Build, method: str, cfg: ExperimentConfig, cs, curve: Evaluation,
-               log: Optional[Callable[[str], None]] = print) -> Dict:
+def training_data(b: Build, cfg: ExperimentConfig, cs):
+    """The (images, captions) every method trains on: the concept set, plus the prior pairs when asked for."""
+    if not cfg.n_prior:
+        return cs.images, list(cs.captions)
+    prior_images, prior_caps = prior_set(b, cfg)
+    return torch.cat([cs.images, prior_images]), list(cs.captions) + prior_caps
+
+
+def run_method(b: Build, method: str, cfg: ExperimentConfig, images: torch.Tensor, captions: List[str],
+               curve: Evaluation, log: Optional[Callable[[str], None]] = print) -> Dict:
     dit = b.student.dit
     net = LoRANetwork.for_module(dit, rank=cfg.rank, alpha=float(cfg.rank), targets=list(cfg.targets),
                                  ema_decay=cfg.ema_decay, seed=cfg.seed)
     handle = net.attach(dit)
     try:
-        images, captions = cs.images, list(cs.captions)
-        if cfg.n_prior:
-            prior_images, prior_caps = prior_set(b, cfg)
-            images, captions = torch.cat([images, prior_images]), captions + prior_caps
         rows = len(images) * cfg.repeats * (K_STATES if method == "sft" else 1)
         task = ConceptTask(b, net, images, captions, rows)
         trainer = Trainer(net, task, train_config(method, cfg))
@@ -215,8 +219,9 @@ def run_experiment(b: Build, cfg: ExperimentConfig, log: Optional[Callable[[str]
             f"(trigger + image in context): {json.dumps({k: round(v, 3) for k, v in results['in_context'].items()})}")
     results["methods"] = {}
     nets = {}
+    images, captions = training_data(b, cfg, cs)  # sampled once, from the base model (no LoRA attached)
     for method in cfg.methods:
-        r = run_method(b, method, cfg, cs, curve, log)
+        r = run_method(b, method, cfg, images, captions, curve, log)
         handle = r["net"].attach(b.student.dit)
         try:
             fin = measure(b, final, cfg.axis, r["net"])
