@@ -57,8 +57,9 @@ class DOPSDToyWorldLoader(io.ComfyNode):
     def execute(cls, allow_build) -> io.NodeOutput:
         from .comfy_bridge import toy_models
         build, _ = _toyworld()
-        if not allow_build and _missing_weights_message():
-            raise ValueError(_missing_weights_message())
+        missing = None if allow_build else _missing_weights_message()
+        if missing:
+            raise ValueError(missing)
         b = build.load(build_if_missing=allow_build)
         model = toy_models.model_patcher(b.student.dit, build.SHIFT)
         return io.NodeOutput(model, toy_models.ToyClip(b.student.encoder, b.tokenizer), toy_models.ToyVAE())

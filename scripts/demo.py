@@ -37,30 +37,24 @@ def _set_input(prompt: dict, class_type: str, name: str, value):
     hits[0]["inputs"][name] = value
 
 
-def _follow_job(server, prompt_id, timeout):
-    """Print the job's progress until the prompt finishes; returns (history entry, last job status)."""
-    deadline, job_id, status, last_print = time.monotonic() + timeout, None, None, 0.0
-    while time.monotonic() < deadline:
-        entry = server.get_json(f"/history/{prompt_id}").get(prompt_id)
-        if job_id is None:
-            jobs = server.get_json("/dopsd/jobs").get("jobs", [])
-            job_id = jobs[-1]["job_id"] if jobs else None
-        if job_id is not None:
-            status = server.get_json(f"/dopsd/jobs/{job_id}")
-            if time.monotonic() - last_print > 5 or status["state"] != "running":
-                loss = status["losses"][-1][1] if status["losses"] else float("nan")
-                print(f"[demo] job {job_id}: {status['state']} step {status['step']}/{status['total_steps']} "
-                      f"loss {loss:.4f}", flush=True)
-                last_print = time.monotonic()
-        if entry and entry.get("status", {}).get("completed") is not None:
-            if entry["status"].get("status_str") != "success":
-                raise RuntimeError(f"the workflow failed: {json.dumps(entry['status'], indent=1)[:4000]}\n"
-                                   f"{server.log_tail()}")
-            return entry, server.get_json(f"/dopsd/jobs/{job_id}")
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"ComfyUI exited with {server.proc.returncode}\n{server.log_tail()}")
-        time.sleep(0.5)
-    raise TimeoutError(f"the demo did not finish within {timeout:.0f} s\n{server.log_tail()}")
+class _JobReporter:
+    """Called at each poll of the prompt: finds the training job and prints its progress every few seconds."""
+
+    def __init__(self, server):
+        self.server, self.job_id, self.status, self.last_print, self.last_state = server, None, None, 0.0, None
+
+    def __call__(self):
+        if self.job_id is None:
+            jobs = self.server.get_json("/dopsd/jobs")["jobs"]
+            self.job_id = jobs[-1]["job_id"] if jobs else None
+        if self.job_id is None:
+            return
+        self.status = status = self.server.get_json(f"/dopsd/jobs/{self.job_id}")
+        if time.monotonic() - self.last_print > 5 or status["state"] != self.last_state:
+            loss = status["losses"][-1][1] if status["losses"] else float("nan")
+            print(f"[demo] job {self.job_id}: {status['state']} step {status['step']}/{status['total_steps']} "
+                  f"loss {loss:.4f}", flush=True)
+            self.last_print, self.last_state = time.monotonic(), status["state"]
 
 
 def _saved_images(server, entry, prompt, prefix):
@@ -76,9 +70,9 @@ def _grid(files, path, scale=4):
     """The saved 32x32 PNGs side by side, nearest-neighbour upscaled; returns them as a [-1, 1] tensor."""
     import numpy as np
     import torch
+    from PIL import Image
     from toyworld.render import save_grid
-    arrays = [np.asarray(__import__("PIL.Image").Image.open(f).convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-              for f in files]
+    arrays = [np.asarray(Image.open(f).convert("RGB"), dtype=np.float32) / 127.5 - 1.0 for f in files]
     images = torch.from_numpy(np.stack(arrays)).movedim(-1, 1)
     save_grid(images, str(path), nrow=8, scale=scale)
     return images
@@ -124,7 +118,10 @@ def main(argv=None):
         if args.steps:
             _set_input(prompt, "DOPSDTrainer", "steps", args.steps)
         print(f"[demo] queueing {WORKFLOW.name}", flush=True)
-        entry, status = _follow_job(server, server.post_prompt(prompt), args.timeout)
+        report = _JobReporter(server)
+        entry = server.wait_history(server.post_prompt(prompt), args.timeout, on_poll=report)
+        report()  # the job's final status
+        status = report.status
     finally:
         server.stop()
     if status is None or status["state"] != "finished":
@@ -139,8 +136,8 @@ def main(argv=None):
     losses = status["losses"]
     (out / "losses.json").write_text(json.dumps(losses))
     window = 20
-    smooth = [(s, sum(v for _, v in losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1]))
-              for i, (s, _) in enumerate(losses)]
+    recent = [[v for _, v in losses[max(0, i - window + 1): i + 1]] for i in range(len(losses))]
+    smooth = [(s, sum(r) / len(r)) for (s, _), r in zip(losses, recent)]
     learning_curves(str(out / "loss.png"), [{"title": "D-OPSD loss per step (x0 space, batch 1)",
                                              "series": {"loss": losses, f"mean of the last {window}": smooth},
                                              "base": None}],

@@ -131,10 +131,13 @@ class ComfyServer:
             raise AssertionError(f"POST /prompt -> {status}: {json.dumps(body, indent=1)[:4000]}")
         return body["prompt_id"]
 
-    def wait_history(self, prompt_id: str, timeout: float = 60.0) -> dict:
-        """The prompt's /history entry once it has finished; raises with the messages if it failed."""
+    def wait_history(self, prompt_id: str, timeout: float = 60.0, on_poll=None) -> dict:
+        """The prompt's /history entry once it has finished; raises with the messages if it failed.
+        `on_poll()`, when given, is called at every poll (e.g. to report a training job's progress)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            if on_poll is not None:
+                on_poll()
             entry = self.get_json(f"/history/{prompt_id}").get(prompt_id)
             if entry and entry.get("status", {}).get("completed") is not None:
                 if entry["status"].get("status_str") != "success":
