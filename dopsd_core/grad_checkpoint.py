@@ -22,7 +22,9 @@ class CheckpointHandle:
         self.modules = []
 
 
-def checkpoint_modules(modules: Iterable[nn.Module], lora_network=None) -> CheckpointHandle:
+def wrap_forwards(modules: Iterable[nn.Module], around) -> CheckpointHandle:
+    """Run each module's forward as `around(original_forward, *args, **kwargs)` while autograd records;
+    under no_grad the original forward runs untouched. `remove()` on the handle restores the modules."""
     wrapped = []
     for module in modules:
         original = module.forward
@@ -30,19 +32,26 @@ def checkpoint_modules(modules: Iterable[nn.Module], lora_network=None) -> Check
         def forward(*args, _original=original, **kwargs):
             if not torch.is_grad_enabled():
                 return _original(*args, **kwargs)
-            mode = lora_network.current_mode if lora_network is not None else None
-
-            def run(*a, **k):
-                # Blocks may update their inputs in place (ComfyUI's Flux blocks do); the checkpoint keeps
-                # those inputs for recomputation, so the block gets its own copies.
-                a = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in a)
-                k = {n: (x.clone() if isinstance(x, torch.Tensor) else x) for n, x in k.items()}
-                ctx = lora_network.mode(mode) if mode is not None else contextlib.nullcontext()
-                with ctx:
-                    return _original(*a, **k)
-
-            return checkpoint(run, *args, use_reentrant=False, **kwargs)
+            return around(_original, *args, **kwargs)
 
         module.forward = forward
         wrapped.append(module)
     return CheckpointHandle(wrapped)
+
+
+def checkpoint_modules(modules: Iterable[nn.Module], lora_network=None) -> CheckpointHandle:
+    def around(original, *args, **kwargs):
+        mode = lora_network.current_mode if lora_network is not None else None
+
+        def run(*a, **k):
+            # Blocks may update their inputs in place (ComfyUI's Flux blocks do); the checkpoint keeps
+            # those inputs for recomputation, so the block gets its own copies.
+            a = tuple(x.clone() if isinstance(x, torch.Tensor) else x for x in a)
+            k = {n: (x.clone() if isinstance(x, torch.Tensor) else x) for n, x in k.items()}
+            ctx = lora_network.mode(mode) if mode is not None else contextlib.nullcontext()
+            with ctx:
+                return original(*a, **k)
+
+        return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+    return wrap_forwards(modules, around)

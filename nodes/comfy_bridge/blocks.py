@@ -8,7 +8,7 @@ With gradient checkpointing, blocks are recomputed in backward and need no copie
 """
 import torch
 
-from ...dopsd_core.grad_checkpoint import CheckpointHandle, checkpoint_modules
+from ...dopsd_core.grad_checkpoint import CheckpointHandle, checkpoint_modules, wrap_forwards
 
 
 def top_level_blocks(model):
@@ -25,19 +25,11 @@ def _unpack(tensor):
 
 
 def snapshot_saved_activations(modules) -> CheckpointHandle:
-    wrapped = []
-    for module in modules:
-        original = module.forward
+    def around(original, *args, **kwargs):
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            return original(*args, **kwargs)
 
-        def forward(*args, _original=original, **kwargs):
-            if not torch.is_grad_enabled():
-                return _original(*args, **kwargs)
-            with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
-                return _original(*args, **kwargs)
-
-        module.forward = forward
-        wrapped.append(module)
-    return CheckpointHandle(wrapped)
+    return wrap_forwards(modules, around)
 
 
 def guard_blocks(model, net, checkpointing: bool) -> CheckpointHandle:
