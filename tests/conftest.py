@@ -106,3 +106,16 @@ def comfy_server(tmp_path_factory):
     finally:
         server.stop()
 
+
+@pytest.fixture(scope="session")
+def object_info(comfy_server):
+    """The server's /object_info (every node definition, the pack's included)."""
+    return comfy_server.get_json("/object_info")
+
+
+@pytest.fixture(scope="session")
+def assets(comfy_server):
+    """The shipped workflows' inputs in the server's base directory: a dataset folder and a tiny Qwen3-VL folder."""
+    import tiny_workflows
+    return tiny_workflows.prepare_server(comfy_server)
+

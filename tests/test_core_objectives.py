@@ -16,7 +16,11 @@ def _setup(seed=0, dtype=torch.float32):
             m.up.normal_(0, 0.1)
             m.ema_up.normal_(0, 0.1)
     cs, ct = torch.randn(1, 8, dtype=dtype), torch.randn(1, 8, dtype=dtype)
+    return (model, net, *_roles(model, net, cs, ct))
 
+
+def _roles(model, net, cs, ct):
+    """(student, teacher): the model with the LoRA's student adapter on c_s, and with its EMA on c_t."""
     def student(x, s):
         with net.mode("student"):
             return model(x, s, cs)
@@ -25,7 +29,7 @@ def _setup(seed=0, dtype=torch.float32):
         with net.mode("teacher"):
             return model(x, s, ct)
 
-    return model, net, student, teacher
+    return student, teacher
 
 
 def test_states_are_the_students_own_sampler_states():
@@ -222,15 +226,7 @@ def test_memory_stays_that_of_one_forward_backward():
     net = lora.LoRANetwork.for_module(model, rank=4, seed=0)
     net.attach(model)
     cs, ct = torch.randn(1, 8), torch.randn(1, 8)
-
-    def student(x, s):
-        with net.mode("student"):
-            return model(x, s, cs)
-
-    def teacher(x, s):
-        with net.mode("teacher"):
-            return model(x, s, ct)
-
+    student, teacher = _roles(model, net, cs, ct)
     x0, noise = torch.randn(32, 64), torch.randn(32, 64)
     sig = torch.tensor([1.0, 0.9, 0.75, 0.5, 0.3])
     sft = peak_bytes(lambda: objectives.sft_step(student, x0, noise, torch.full((32,), 0.5)))

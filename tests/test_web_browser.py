@@ -43,16 +43,6 @@ def shots():
 
 
 @pytest.fixture(scope="module")
-def object_info(comfy_server):
-    return comfy_server.get_json("/object_info")
-
-
-@pytest.fixture(scope="module")
-def assets(comfy_server):
-    return T.prepare_server(comfy_server)
-
-
-@pytest.fixture(scope="module")
 def page(comfy_server, tmp_path_factory):
     if not find_chromium():
         message = "no Chromium on this machine (apt-get install chromium)"

@@ -17,16 +17,6 @@ import workflow_api as W
 EXPECTED = set(T.ALL)
 
 
-@pytest.fixture(scope="module")
-def object_info(comfy_server):
-    return comfy_server.get_json("/object_info")
-
-
-@pytest.fixture(scope="module")
-def assets(comfy_server):
-    return T.prepare_server(comfy_server)
-
-
 # -- static ---------------------------------------------------------------------------------------------------
 def test_the_six_workflows_are_shipped():
     assert set(T.shipped_names()) == EXPECTED
