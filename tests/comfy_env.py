@@ -42,8 +42,11 @@ def _fix_sys_path(root: Path) -> None:
     sys.path[:] = [str(root)] + [p for p in keep if p != str(root)] + [str(REPO)]
 
 
-def setup(extra_args=(), threads: int = 2):
-    """Import ComfyUI in-process on the CPU (idempotent). Returns the ComfyUI root."""
+def setup(extra_args=(), threads: int = 2, base_directory=None):
+    """Import ComfyUI in-process on the CPU (idempotent). Returns the ComfyUI root.
+
+    `base_directory` (ComfyUI's --base-directory) puts models/, input/, output/, temp/ and user/ there instead
+    of in the ComfyUI tree: the test suite passes a temp dir so that no test writes into a host's tree."""
     root = comfy_root()
     if "comfy.model_management" in sys.modules:
         return root
@@ -52,7 +55,8 @@ def setup(extra_args=(), threads: int = 2):
 
     torch.set_num_threads(threads)
     argv = sys.argv
-    sys.argv = ["comfyui-dopsd-tests", *DEFAULT_COMFY_ARGS, *extra_args]
+    base_args = ("--base-directory", str(base_directory)) if base_directory else ()
+    sys.argv = ["comfyui-dopsd-tests", *DEFAULT_COMFY_ARGS, *base_args, *extra_args]
     try:
         import comfy.options
 
@@ -70,6 +74,16 @@ def comfy_version() -> str:
 
         return comfyui_version.__version__
     except ImportError:  # very old trees
+        return "unknown"
+
+
+def frontend_version() -> str:
+    """The version of the frontend package the host serves (comfyui-frontend-package), or 'unknown'."""
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("comfyui-frontend-package")
+    except importlib.metadata.PackageNotFoundError:
         return "unknown"
 
 

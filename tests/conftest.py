@@ -4,18 +4,50 @@ ComfyUI is imported here, at collection time, before any test module can import 
 (see comfy_env.py for why the order matters). Session-scoped models are shared: treat them as read-only
 and `.clone()` a ModelPatcher before patching it.
 """
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
 import pytest
 
 import comfy_env
 
-comfy_env.setup()
+# In-process ComfyUI gets its own base directory (models/, input/, output/, temp/, user/) so that no test writes
+# into the ComfyUI tree under test; removed at the end of the session.
+IN_PROCESS_BASE = Path(tempfile.mkdtemp(prefix="dopsd-comfy-base-"))
+for _sub in ("models/loras", "input", "output", "temp", "user"):
+    (IN_PROCESS_BASE / _sub).mkdir(parents=True, exist_ok=True)
+comfy_env.setup(base_directory=IN_PROCESS_BASE)
 
 import comfy_fixtures as F  # noqa: E402  (needs ComfyUI on sys.path)
 import comfy_server as server_lib  # noqa: E402
 
 
 def pytest_report_header(config):
-    return f"ComfyUI {comfy_env.comfy_version()} at {comfy_env.comfy_root()}"
+    return (f"ComfyUI {comfy_env.comfy_version()} at {comfy_env.comfy_root()}, "
+            f"frontend {comfy_env.frontend_version()}")
+
+
+def written_into_comfy_tree(since: float) -> list:
+    """Files in the ComfyUI tree under test modified after `since` (bytecode caches aside)."""
+    root = comfy_env.comfy_root()
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*")
+                  if "__pycache__" not in p.parts and p.is_file() and p.stat().st_mtime > since)
+
+
+def pytest_sessionstart(session):
+    session.config._dopsd_t0 = time.time()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Removes the in-process base directory, and fails the run if any test wrote into the ComfyUI tree."""
+    shutil.rmtree(IN_PROCESS_BASE, ignore_errors=True)
+    written = written_into_comfy_tree(session.config._dopsd_t0)
+    if written:
+        print(f"\n[dopsd] tests wrote into the ComfyUI tree {comfy_env.comfy_root()} (they must use temp dirs):")
+        print("\n".join(f"  {w}" for w in written[:50]))
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
