@@ -4,6 +4,7 @@ ComfyUI is imported here, at collection time, before any test module can import 
 (see comfy_env.py for why the order matters). Session-scoped models are shared: treat them as read-only
 and `.clone()` a ModelPatcher before patching it.
 """
+import os
 import shutil
 import tempfile
 import time
@@ -40,9 +41,30 @@ def pytest_sessionstart(session):
     session.config._dopsd_t0 = time.time()
 
 
+HARDWARE_SKIP = "needs hardware:"  # the one skip reason DOPSD_REQUIRE_NO_SKIPS=1 accepts (e.g. "needs hardware: CUDA")
+
+
+def unexpected_skips(session) -> list:
+    """Skip reasons other than missing hardware, from the terminal reporter's stats."""
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    reasons = []
+    for report in (reporter.stats.get("skipped", []) if reporter else []):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        if HARDWARE_SKIP not in reason:
+            reasons.append(f"{report.nodeid}: {reason}")
+    return reasons
+
+
 def pytest_sessionfinish(session, exitstatus):
-    """Removes the in-process base directory, and fails the run if any test wrote into the ComfyUI tree."""
+    """Removes the in-process base directory; fails the run if any test wrote into the ComfyUI tree, and, with
+    DOPSD_REQUIRE_NO_SKIPS=1 (CI on the current host), if anything skipped for a reason other than hardware."""
     shutil.rmtree(IN_PROCESS_BASE, ignore_errors=True)
+    if os.environ.get("DOPSD_REQUIRE_NO_SKIPS") == "1":
+        skips = unexpected_skips(session)
+        if skips:
+            print(f"\n[dopsd] DOPSD_REQUIRE_NO_SKIPS=1 but {len(skips)} test(s) skipped:")
+            print("\n".join(f"  {s}" for s in skips[:50]))
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
     written = written_into_comfy_tree(session.config._dopsd_t0)
     if written:
         print(f"\n[dopsd] tests wrote into the ComfyUI tree {comfy_env.comfy_root()} (they must use temp dirs):")
@@ -120,18 +142,22 @@ def tiny_flux2_vae():
 TINY_ZIMAGE_FILE = "tiny_zimage.safetensors"
 TINY_FLUX2_FILE = "tiny_flux2.safetensors"
 TINY_QWEN3_FILE = "tiny_qwen3.safetensors"
+TINY_KLEIN_QWEN3_FILE = "tiny_klein_qwen3.safetensors"  # written only where the host has klein's encoder (>= 0.9.2)
 
 
 @pytest.fixture(scope="session")
 def comfy_server(tmp_path_factory):
     """A real ComfyUI server (main.py --cpu on 127.0.0.1, free port) with the pack and the test-only loader
     patch in custom_nodes, and tiny models in models/ (diffusion_models: tiny_zimage / tiny_flux2,
-    text_encoders: tiny_qwen3). Stopped by its own PID at the end of the session."""
+    text_encoders: tiny_qwen3, and tiny_klein_qwen3 for CLIPLoader type flux2 where the host has FLUX.2-klein's
+    text encoder). Stopped by its own PID at the end of the session."""
     base = server_lib.prepare_base_dir(tmp_path_factory.mktemp("comfy_base"))
     models = base / "models"
     for name, cls, cfg in [(TINY_ZIMAGE_FILE, "ZImage", F.TINY_ZIMAGE), (TINY_FLUX2_FILE, "Flux2", F.TINY_FLUX2)]:
         F.save_diffusion_model(models / "diffusion_models" / name, cls, cfg, F.diffusion_state_dict(cls, cfg, seed=0))
     F.save_state_dict(models / "text_encoders" / TINY_QWEN3_FILE, F.qwen3_state_dict(seed=0))
+    if F.has_klein_text_encoder():
+        F.save_state_dict(models / "text_encoders" / TINY_KLEIN_QWEN3_FILE, F.qwen3_state_dict(F.TINY_KLEIN_QWEN3, seed=0))
     server = server_lib.ComfyServer(base)
     try:
         yield server

@@ -1,6 +1,9 @@
 """Helpers for the node tests: tiny datasets, pairs and jobs built the way a ComfyUI graph builds them."""
 import contextlib
+import functools
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -8,7 +11,8 @@ import comfy_fixtures as F
 
 
 class FakeFlux2Clip:
-    """Deterministic CONDITIONING of the tiny Flux2's context width (0.3.75 has no klein text encoder)."""
+    """Deterministic CONDITIONING of the tiny Flux2's context width, for hosts without FLUX.2-klein's text encoder
+    (ComfyUI < 0.9.2). Use klein_clip(), which gives the real encoder where the host has it."""
 
     def tokenize(self, text, **kwargs):
         return text
@@ -16,6 +20,24 @@ class FakeFlux2Clip:
     def encode_from_tokens_scheduled(self, text):
         gen = torch.Generator().manual_seed(sum(map(ord, text)))
         return [[torch.randn(1, 16, F.TINY_FLUX2["context_in_dim"], generator=gen), {"pooled_output": None}]]
+
+
+@functools.lru_cache(maxsize=1)
+def klein_clip():
+    """CLIP for the tiny Flux2: ComfyUI's real FLUX.2-klein text encoder (klein_te, layers 9/18/27) built tiny where
+    the host has it (>= 0.9.2, e.g. 0.33), else FakeFlux2Clip. Built once per session."""
+    if not F.has_klein_text_encoder():
+        return FakeFlux2Clip()
+    path = Path(tempfile.mkdtemp(prefix="dopsd-klein-te-")) / "tiny_klein_qwen3.safetensors"
+    F.save_state_dict(path, F.qwen3_state_dict(F.TINY_KLEIN_QWEN3, seed=0))
+    clip = F.load_tiny_klein_clip(path)
+    path.unlink()
+    return clip
+
+
+def encode(clip, text):
+    """CONDITIONING for `text`, as CLIPTextEncode makes it."""
+    return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
 def images(n=2, size=64, seed=0):
@@ -38,7 +60,7 @@ def flux2_pairs(nodes, vae, n=2, prefix=""):
 def _flux2_pairs(nodes, vae, n, prefix):
     ds = nodes.dataset_nodes.DOPSDDatasetFromImages.execute(
         images(n), "a red [trigger] circle\na blue [trigger] square" if n == 2 else "a [trigger] thing", "sks", 64)[0]
-    return nodes.teacher_nodes.DOPSDTeacherReferenceLatent.execute(ds, FakeFlux2Clip(), vae, prefix)[0]
+    return nodes.teacher_nodes.DOPSDTeacherReferenceLatent.execute(ds, klein_clip(), vae, prefix)[0]
 
 
 TRAINER_DEFAULTS = dict(method="dopsd", steps=4, inference_steps=4, train_steps=4, schedule="auto", loss_space="x0",

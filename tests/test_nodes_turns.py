@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import comfy_fixtures as F
-from nodes_support import FakeFlux2Clip, executor_mode, flux2_pairs, start_job, wait_state
+from nodes_support import encode, executor_mode, flux2_pairs, klein_clip, start_job, wait_state
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ class FakePromptQueue:
 
 def _sample(model, seed=5):
     import nodes as comfy_nodes
-    cond = FakeFlux2Clip().encode_from_tokens_scheduled("a prompt")
+    cond = encode(klein_clip(), "a prompt")
     with executor_mode():
         return comfy_nodes.KSampler().sample(model, seed, 4, 1.0, "euler", "simple", cond, cond,
                                              {"samples": torch.zeros(1, 128, 4, 4)})[0]["samples"]

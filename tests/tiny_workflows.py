@@ -3,9 +3,10 @@
 `tiny_workflow()` edits a UI-format workflow (so the browser can load it and `workflow_api.to_api` can convert
 it) the way a user would re-point it at other files:
 - model files -> the tiny files the comfy_server fixture writes (UNETLoader, CLIPLoader for Z-Image);
-- loaders that cannot open tiny files -> test-only nodes from tests/comfy_test_support with the same output:
-  VAELoader -> TestTinyVAE, and CLIPLoader type flux2 (FLUX.2-klein's Qwen3 encoder, absent before ComfyUI 0.9.2)
-  -> TestTinyKleinCLIP;
+- CLIPLoader type flux2 (FLUX.2-klein's Qwen3 encoder) -> the tiny klein encoder file, opened by the stock
+  CLIPLoader, where the host has that encoder (ComfyUI >= 0.9.2); on older hosts -> TestTinyKleinCLIP, a
+  test-only stand-in with the same output;
+- VAELoader, which cannot open tiny files -> TestTinyVAE (tests/comfy_test_support);
 - sizes and steps -> tiny (64 px images, a few training steps), the Qwen3-VL folder -> a tiny one on disk;
 - the trained LoRA file name -> what an earlier step produced.
 Everything else (nodes, links, the other settings) stays as shipped.
@@ -18,7 +19,8 @@ import numpy as np
 from PIL import Image
 
 import workflow_api as W
-from conftest import TINY_FLUX2_FILE, TINY_QWEN3_FILE, TINY_ZIMAGE_FILE
+import comfy_fixtures as F
+from conftest import TINY_FLUX2_FILE, TINY_KLEIN_QWEN3_FILE, TINY_QWEN3_FILE, TINY_ZIMAGE_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW_DIR = REPO / "workflows"
@@ -114,7 +116,10 @@ def tiny_workflow(workflow: dict, object_info: dict, *, vl_folder=None, train_st
             _set(node, info, "unet_name", TINY_FLUX2_FILE if "klein" in name or "flux" in name else TINY_ZIMAGE_FILE)
         elif t == "CLIPLoader":
             if _get(node, info, "type") == "flux2":
-                _swap_type(node, object_info, "TestTinyKleinCLIP", {})
+                if F.has_klein_text_encoder():
+                    _set(node, info, "clip_name", TINY_KLEIN_QWEN3_FILE)
+                else:
+                    _swap_type(node, object_info, "TestTinyKleinCLIP", {})
             else:
                 _set(node, info, "clip_name", TINY_QWEN3_FILE)
         elif t == "VAELoader":
