@@ -53,3 +53,32 @@ def comfy_roots(*kinds: str) -> list:
         else:
             out.extend(folder_paths.get_folder_paths(kind))
     return out
+
+
+def resume_path(resume_from: str) -> str:
+    """The training state `resume_from` names: a job id or '<job id>/training_state.pt' under
+    output/dopsd_jobs, or a path inside output/dopsd_jobs or input (absolute or relative). A job folder
+    means its training_state.pt. '' means no resume. Anything else, existing or not, gets one message."""
+    resume_from = (resume_from or "").strip()
+    if not resume_from:
+        return ""
+    jobs_dir = os.path.join(folder_paths.get_output_directory(), "dopsd_jobs")
+    roots = [jobs_dir, folder_paths.get_input_directory()]
+    refused = ValueError(f"resume_from {resume_from!r} is not a training state in output/dopsd_jobs or input: give "
+                         "the job id (or '<job id>/training_state.pt') of a job in output/dopsd_jobs")
+    if os.path.isabs(resume_from):
+        candidates = [resume_from] if within(resume_from, roots) else []
+    else:
+        candidates = []
+        for base in roots:
+            try:
+                candidates.append(inside(base, resume_from, "resume_from", roots))
+            except ValueError:
+                pass
+    for path in candidates:
+        path = os.path.realpath(path)
+        if os.path.isdir(path) and os.path.isfile(os.path.join(path, "training_state.pt")):
+            return os.path.join(path, "training_state.pt")
+        if os.path.isfile(path):
+            return path
+    raise refused

@@ -248,8 +248,14 @@ def test_resume_from_training_state_continues_and_bad_file_is_named(N, flux2, lo
     second, _ = start_job(N, model, pairs, steps=4, resume_from=state)
     assert wait_state(second, ("finished", "error")) == "finished", second.error
     assert second.step == 4 and len(second.trainer.losses) == 4
-    bad = tmp_path / "not_a_state.pt"
-    bad.write_bytes(b"garbage")
-    third, _ = start_job(N, model, pairs, steps=2, resume_from=str(bad))
+    bad = os.path.join(os.path.dirname(first.job_dir), "broken", "training_state.pt")
+    os.makedirs(os.path.dirname(bad))
+    with open(bad, "wb") as f:
+        f.write(b"garbage")
+    third, _ = start_job(N, model, pairs, steps=2, resume_from="broken")  # a job id names its training state
     assert wait_state(third, ("finished", "error")) == "error"
     assert "not a training_state.pt" in third.error
+    outside = tmp_path / "not_a_state.pt"  # outside ComfyUI's folders: refused before a job starts
+    outside.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a training state in output/dopsd_jobs or input"):
+        start_job(N, model, pairs, steps=2, resume_from=str(outside))
