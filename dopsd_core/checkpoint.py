@@ -37,9 +37,24 @@ def _remove_stale_temps(folder: str, max_age_s: float = STALE_TEMP_S):
                 pass
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write_fn, overwrite: bool = True):
     """Call write_fn(tmp_path), then move tmp_path to path in one step. The temp file is hidden
-    ('.<name>.<random>.dopsd-tmp') and created with the user's umask like any other file (not 0600)."""
+    ('.<name>.<random>.dopsd-tmp'), and the file gets the user's normal mode (0666 less the umask) even when
+    write_fn's library writes 0600 files (safetensors does)."""
     path = os.path.abspath(path)
     if not overwrite and os.path.exists(path):
         raise FileExistsError(f"{path} already exists; choose another name or allow overwriting")
@@ -50,6 +65,7 @@ def atomic_write(path: str, write_fn, overwrite: bool = True):
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         write_fn(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         if not overwrite and os.path.exists(path):
             raise FileExistsError(f"{path} appeared while writing; not overwriting it")
         os.replace(tmp, path)

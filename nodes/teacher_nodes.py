@@ -8,6 +8,8 @@ Three ways to give the teacher the image:
 - a native VLM text encoder whose tokenizer takes images (Qwen-Image's Qwen2.5-VL);
 - the VLM splice for Z-Image (vlm_splice_nodes.py).
 """
+import logging
+
 import node_helpers
 import torch
 from comfy_api.latest import io
@@ -71,13 +73,20 @@ def model_sees_reference_latents(model, teacher, latent):
 
 
 def require_visible_teacher(model, pairs):
-    """Refuse, before anything trains, a teacher whose extra context the model ignores: D-OPSD would train
-    at loss 0 (teacher == student) and save an all-zero LoRA."""
-    if pairs and model_sees_reference_latents(model, pairs[0].teacher, pairs[0].latent) is False:
-        name = type(getattr(model.model, "model_config", model.model)).__name__
+    """Refuse, before anything trains, a teacher that differs from the student only by reference latents
+    the model ignores: D-OPSD would train at loss 0 (teacher == student) and save an all-zero LoRA. When a
+    teacher_prompt_prefix still makes the teacher differ, only warn: the teacher then sees that text, not
+    the image."""
+    if not pairs or model_sees_reference_latents(model, pairs[0].teacher, pairs[0].latent) is not False:
+        return
+    name = type(getattr(model.model, "model_config", model.model)).__name__
+    fix = ("use the VLM Splice teacher (Z-Image) or a model with an edit path (FLUX.2-klein, Qwen-Image-Edit, "
+           "Kontext)")
+    if all(torch.equal(p.teacher[0][0], p.student[0][0]) for p in pairs):
         raise ValueError(f"this model ({name}) ignores reference latents, so the Reference Latent teacher would see "
-                         "exactly what the student sees and nothing would train: use the VLM Splice teacher "
-                         "(Z-Image) or a model with an edit path (FLUX.2-klein, Qwen-Image-Edit, Kontext)")
+                         f"exactly what the student sees and nothing would train: {fix}")
+    logging.warning("D-OPSD: this model (%s) ignores reference latents: the teacher differs from the student only "
+                    "by its prompt prefix and never sees the target image; %s", name, fix)
 
 
 def _outputs(pairs):

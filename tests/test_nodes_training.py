@@ -238,7 +238,16 @@ def test_gradient_checkpointing_and_plain_blocks_give_the_same_gradient(N, flux2
     torch.testing.assert_close(plain, ckpt, rtol=1e-3, atol=1e-6)  # float reordering only
 
 
-def test_resume_from_training_state_continues_and_bad_file_is_named(N, flux2, loras_dir, tmp_path):
+@pytest.fixture()
+def output_dir(tmp_path):
+    import folder_paths
+    old = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    yield tmp_path / "output"
+    folder_paths.set_output_directory(old)
+
+
+def test_resume_from_training_state_continues_and_bad_file_is_named(N, flux2, loras_dir, output_dir, tmp_path):
     model, vae = flux2
     pairs = flux2_pairs(N, vae)
     first, _ = start_job(N, model, pairs, steps=2, save_prefix="dopsd/resumable", save_every=2)
