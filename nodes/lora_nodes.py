@@ -205,6 +205,17 @@ class DOPSDImportPEFT(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, peft_path, save_as=""):
+        """Some ComfyUI versions do not check a V3 combo's value against its options: check it here."""
+        try:
+            resolve_peft(peft_path)
+            if save_as:
+                inside(loras_dir(), save_as, "save_as")
+        except ValueError as e:
+            return str(e)
+        return True
+
+    @classmethod
     def execute(cls, model, peft_path, strength, save_as) -> io.NodeOutput:
         folder = resolve_peft(peft_path)
         # ComfyUI's key map understands diffusion_model.<diffusers name> (Z-Image: to_q/to_k/to_v slices of qkv).
