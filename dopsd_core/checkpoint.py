@@ -24,7 +24,7 @@ TEMP_SUFFIX = ".dopsd-tmp"  # no model extension, so ComfyUI never lists a temp 
 STALE_TEMP_S = 3600.0
 
 
-def _remove_stale_temps(folder: str, max_age_s: float = STALE_TEMP_S):
+def remove_stale_temps(folder: str, max_age_s: float = STALE_TEMP_S):
     """Temp files that a crash left behind (ours, and the '.tmp-*' names of earlier versions)."""
     now = time.time()
     for name in os.listdir(folder):
@@ -60,7 +60,7 @@ def atomic_write(path: str, write_fn, overwrite: bool = True):
         raise FileExistsError(f"{path} already exists; choose another name or allow overwriting")
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    _remove_stale_temps(folder)
+    remove_stale_temps(folder)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
     os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:

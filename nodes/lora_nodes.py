@@ -9,7 +9,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from ..dopsd_core import lora_io
+from ..dopsd_core import checkpoint, lora_io
 from . import CATEGORY, jobs
 from .paths import comfy_roots, inside
 from .trainer_nodes import Job
@@ -60,6 +60,18 @@ def apply_lora(model, sd: dict, strength: float, source: str):
 
 def loras_dir() -> str:
     return folder_paths.get_folder_paths("loras")[0]
+
+
+def clean_stale_temps(max_depth: int = 3):
+    """At startup: remove temp files a crash left in models/loras (they would show up in LoRA dropdowns)."""
+    for base in folder_paths.get_folder_paths("loras"):
+        for folder, subdirs, _ in os.walk(base):
+            if os.path.relpath(folder, base).count(os.sep) + 1 >= max_depth:
+                subdirs[:] = []
+            try:
+                checkpoint.remove_stale_temps(folder)
+            except OSError as e:
+                logging.warning("D-OPSD: could not clean temp files in %s: %s", folder, e)
 
 
 # PEFT adapters may be read from these folders: models/loras, ComfyUI/input and ComfyUI/output (e.g. jobs).
@@ -228,4 +240,5 @@ class DOPSDImportPEFT(io.ComfyNode):
         return io.NodeOutput(patched)
 
 
+clean_stale_temps()
 NODES = [DOPSDJobLoRA, DOPSDSaveLoRA, DOPSDApplyLoRAFile, DOPSDImportPEFT]

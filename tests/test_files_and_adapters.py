@@ -152,6 +152,13 @@ def test_temp_files_are_hidden_from_comfyui_cleaned_when_stale_and_saved_files_g
     for name in ("ok.safetensors", "ok2.safetensors"):
         assert os.stat(loras / name).st_mode & 0o777 == 0o644
     assert folder_paths.get_filename_list("loras") == ["ok.safetensors", "ok2.safetensors"]
+    # at startup the pack cleans what a crash left in any models/loras subfolder
+    (loras / "dopsd").mkdir()
+    crashed = loras / "dopsd" / ".tmp-0123.safetensors"
+    crashed.write_bytes(b"")
+    os.utime(crashed, (two_hours_ago, two_hours_ago))
+    N.lora_nodes.clean_stale_temps()
+    assert not crashed.exists() and fresh.exists()
 
 
 # -- reading: Import PEFT and resume_from only inside ComfyUI's folders ---------------------------------------
