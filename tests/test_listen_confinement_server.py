@@ -168,6 +168,17 @@ def test_a_remote_client_stays_inside_comfyui_folders(comfy_server, tmp_path):
     status, _ = server.request("GET", f"/view?filename=secret.png&type=input&subfolder=../../{os.path.relpath(outside, base)}")
     assert status != 200
 
+    # an image LIST (ComfyUI's own folder loader, images of two sizes) is one dataset: one preview, not one per image
+    for name, size in (("wide.png", (96, 64)), ("tall.png", (64, 96))):
+        assert _upload(server, name, _png((200, 60, 20), size), ds + "_list")[0] == 200
+    listed = _preview(ds) | {
+        "10": {"class_type": "LoadImageDataSetFromFolder", "inputs": {"folder": ds + "_list"}},
+        "14": {"class_type": "DOPSDDatasetFromImages", "inputs": {"images": ["10", 0], "captions": "a [trigger] thing",
+                                                                  "trigger": "sks", "resolution": 64}}}
+    listed["11"]["inputs"]["dataset"] = ["14", 0]
+    entry = server.run_prompt(listed, timeout=120)
+    assert len(entry["outputs"]["13"]["images"]) == 3  # student | teacher | target, once
+
     # save: a <name>_peft link out of models/loras is refused before anything is written
     loras = base / "models" / "loras"
     (loras / "listen").mkdir(exist_ok=True)
