@@ -113,6 +113,9 @@ def _scan_one(folder: str, rel: str, repeats: int, scan: FolderScan, default_cap
         scan.examples.append(Example(path, caption, repeats=repeats))
 
 
+_COMMON = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif", ".jfif")
+
+
 def scan_folder(folder: str, default_caption: Optional[str] = None) -> FolderScan:
     """Every image in `folder` and in its kohya `<repeats>_<name>` subfolders (sorted), with the caption in
     the same-name .txt file; extensions in IMAGE_EXTS, any case. Other files, other subfolders and captions
@@ -136,8 +139,6 @@ def scan_folder(folder: str, default_caption: Optional[str] = None) -> FolderSca
                          + (f" Not used: {skipped}" if skipped else ""))
     return scan
 
-
-_COMMON = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif", ".jfif")
 
 
 def load_folder(folder: str, default_caption: Optional[str] = None) -> List[Example]:
@@ -241,9 +242,9 @@ def fingerprint(paths: Sequence[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def dataset_files(path: str) -> List[str]:
+def dataset_files(path: str, roots: Optional[Sequence[str]] = None) -> List[str]:
     """The files a dataset at `path` reads (folder: images and captions one subfolder deep; JSONL: itself and
-    its rows' images), for fingerprint()."""
+    its rows' images, confined to `roots` as in load_jsonl), for fingerprint()."""
     if os.path.isdir(path):
         out = [path]
         for name in os.listdir(path):
@@ -254,7 +255,7 @@ def dataset_files(path: str) -> List[str]:
         return out
     out = [path]
     try:
-        out += [e.image_path for e in load_jsonl(path)]
+        out += [e.image_path for e in load_jsonl(path, roots=roots)]
     except (OSError, ValueError):
         pass
     return out

@@ -45,11 +45,15 @@ def dataset_path(folder: str) -> str:
     return inside(folder_paths.get_input_directory(), folder, "dataset folder", comfy_roots(*DATASET_ROOTS))
 
 
+def jsonl_roots(path: str) -> list:
+    """Where a JSONL dataset's rows may point: the dataset's own folder and ComfyUI's input directory."""
+    return comfy_roots("input") + [os.path.dirname(path)]
+
+
 def load_examples(path: str):
     """Examples of a folder or JSONL dataset, repeats expanded; what was skipped is logged by name."""
     if path.lower().endswith(".jsonl") and os.path.isfile(path):
-        roots = comfy_roots("input") + [os.path.dirname(path)]
-        return data.load_jsonl(path, roots=roots)
+        return data.load_jsonl(path, roots=jsonl_roots(path))
     return data.expand_repeats(data.load_folder(path))
 
 
@@ -89,7 +93,7 @@ class DOPSDDatasetFromFolder(io.ComfyNode):
             path = dataset_path(folder)
         except ValueError:
             return folder
-        return data.fingerprint(data.dataset_files(path))
+        return data.fingerprint(data.dataset_files(path, jsonl_roots(path)))
 
     @classmethod
     def execute(cls, folder, trigger, resolution) -> io.NodeOutput:

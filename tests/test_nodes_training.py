@@ -254,9 +254,12 @@ def test_resume_from_training_state_continues_and_bad_file_is_named(N, flux2, lo
     assert wait_state(first, ("finished", "error")) == "finished", first.error
     state = os.path.join(first.job_dir, "training_state.pt")
     assert os.path.isfile(state)
-    second, _ = start_job(N, model, pairs, steps=4, resume_from=state)
+    # resuming keeps the save_prefix whose earlier files (step 2) exist
+    second, _ = start_job(N, model, pairs, steps=4, resume_from=state, save_prefix="dopsd/resumable", save_every=2)
     assert wait_state(second, ("finished", "error")) == "finished", second.error
     assert second.step == 4 and len(second.trainer.losses) == 4
+    assert sorted(os.listdir(loras_dir / "dopsd")) == ["resumable_step00002.safetensors",
+                                                       "resumable_step00004.safetensors"]
     bad = os.path.join(os.path.dirname(first.job_dir), "broken", "training_state.pt")
     os.makedirs(os.path.dirname(bad))
     with open(bad, "wb") as f:
