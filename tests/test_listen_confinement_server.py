@@ -106,6 +106,16 @@ def _options(server, node, name):
     return spec[0] if isinstance(spec[0], list) else spec[1]["options"]
 
 
+def _target_colour(server, entry):
+    """The mean colour of the Teacher Preview's target panel, fetched through /view."""
+    import io
+    image = entry["outputs"]["13"]["images"][2]
+    status, png = server.request("GET", f"/view?filename={image['filename']}&subfolder={image['subfolder']}"
+                                        f"&type={image['type']}")
+    assert status == 200 and png[:4] == b"\x89PNG"
+    return tuple(int(round(c)) for c in np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).reshape(-1, 3).mean(0))
+
+
 def _snapshot(folder):
     out = {}
     for root, dirs, files in os.walk(folder):
@@ -161,10 +171,10 @@ def test_a_remote_client_stays_inside_comfyui_folders(comfy_server, tmp_path):
         messages.add(msg.split("outside the dataset's folder")[1].split("\\n")[0])
     assert len(messages) == 1, messages
     entry = server.run_prompt(_preview(ds), timeout=120)  # the same graph on an allowed dataset works
-    image = entry["outputs"]["13"]["images"][0]
-    status, png = server.request("GET", f"/view?filename={image['filename']}&subfolder={image['subfolder']}"
-                                        f"&type={image['type']}")
-    assert status == 200 and png[:4] == b"\x89PNG"
+    assert _target_colour(server, entry) == (20, 160, 40)
+    # the folder changed: ComfyUI's cache must not serve the old dataset (the node's fingerprint changes)
+    assert _upload(server, "good.png", _png((30, 30, 220)), ds)[0] == 200
+    assert _target_colour(server, server.run_prompt(_preview(ds), timeout=120)) == (30, 30, 220)
     status, _ = server.request("GET", f"/view?filename=secret.png&type=input&subfolder=../../{os.path.relpath(outside, base)}")
     assert status != 200
 
