@@ -31,19 +31,38 @@ class _KeysNotLoaded(logging.Handler):
                 self.keys.append(message[len(self.PREFIX):])
 
 
+class _ReadKeys(dict):
+    """The adapter's tensors, remembering which keys ComfyUI read: a key it never read was not loaded (this
+    still counts when the log level hides ComfyUI's warnings)."""
+
+    def __init__(self, sd):
+        super().__init__(sd)
+        self.read = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        if key in self:
+            self.read.add(key)
+        return super().get(key, default)
+
+
 def load_patches(model, sd: dict, source: str) -> dict:
     """comfy.lora.load_lora as LoraLoaderModelOnly calls it, refusing a file whose keys ComfyUI does not
     all load (it would otherwise apply the rest and only log a warning per key)."""
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    watcher = _KeysNotLoaded()
+    watcher, tracked = _KeysNotLoaded(), _ReadKeys(sd)
     root = logging.getLogger()
     root.addHandler(watcher)
     try:
-        patches = comfy.lora.load_lora(sd, key_map)
+        patches = comfy.lora.load_lora(tracked, key_map)
     finally:
         root.removeHandler(watcher)
-    if watcher.keys or not patches:
-        missed = watcher.keys or sorted(sd)
+    missed = sorted(set(watcher.keys) | (set(sd) - tracked.read))
+    if missed or not patches:
+        missed = missed or sorted(sd)
         raise ValueError(f"{source}: {len(missed)} of {len(sd)} keys match no weight of this model (e.g. "
                          f"{missed[:5]}); ComfyUI would apply {len(patches)} patches and skip these. Is it an "
                          "adapter for another model family, or a format ComfyUI does not read?")

@@ -79,6 +79,14 @@ def test_unmatched_adapter_keys_are_counted_for_every_format(N, flux2, caplog):
             N.lora_nodes.apply_lora(model, {**good, **bogus}, 1.0, fmt)
         not_loaded = [r.getMessage() for r in caplog.records if "lora key not loaded" in r.getMessage()]
         assert len(not_loaded) == len(bogus), f"{fmt}: ComfyUI's own warnings stay on"
+        # also counted when the log level hides warnings
+        root = logging.getLogger()
+        level, root.level = root.level, logging.ERROR
+        try:
+            with pytest.raises(ValueError, match=rf"{len(bogus)} of {len(good) + len(bogus)} keys match no weight"):
+                N.lora_nodes.apply_lora(model, {**good, **bogus}, 1.0, fmt)
+        finally:
+            root.level = level
 
 
 def test_apply_lora_file_refuses_a_half_matching_lokr(N, flux2, comfy_dirs):
