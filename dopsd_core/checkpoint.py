@@ -9,7 +9,8 @@ import glob
 import os
 import random
 import re
-import tempfile
+import time
+import uuid
 from typing import List, Optional
 
 import torch
@@ -19,17 +20,52 @@ STEP_FILE = "dopsd-step{step:06d}.pt"
 _STEP_RE = re.compile(r"dopsd-step(\d+)\.pt$")
 
 
+TEMP_SUFFIX = ".dopsd-tmp"  # no model extension, so ComfyUI never lists a temp file in a model dropdown
+STALE_TEMP_S = 3600.0
+
+
+def remove_stale_temps(folder: str, max_age_s: float = STALE_TEMP_S):
+    """Temp files that a crash left behind (ours, and the '.tmp-*' names of earlier versions)."""
+    now = time.time()
+    for name in os.listdir(folder):
+        if name.startswith(".") and (name.endswith(TEMP_SUFFIX) or name.startswith(".tmp-")):
+            path = os.path.join(folder, name)
+            try:
+                if os.path.isfile(path) and now - os.path.getmtime(path) > max_age_s:
+                    os.remove(path)
+            except OSError:
+                pass
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str, write_fn, overwrite: bool = True):
-    """Call write_fn(tmp_path), then move tmp_path to path in one step."""
+    """Call write_fn(tmp_path), then move tmp_path to path in one step. The temp file is hidden
+    ('.<name>.<random>.dopsd-tmp'), and the file gets the user's normal mode (0666 less the umask) even when
+    write_fn's library writes 0600 files (safetensors does)."""
     path = os.path.abspath(path)
     if not overwrite and os.path.exists(path):
         raise FileExistsError(f"{path} already exists; choose another name or allow overwriting")
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.splitext(path)[1], dir=folder)
-    os.close(fd)
+    remove_stale_temps(folder)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex[:8]}{TEMP_SUFFIX}")
+    os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
     try:
         write_fn(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         if not overwrite and os.path.exists(path):
             raise FileExistsError(f"{path} appeared while writing; not overwriting it")
         os.replace(tmp, path)

@@ -4,20 +4,33 @@ Errors name the file and the fix, because a bad dataset is the most common way a
 Everything random here (caption choice, caption dropout, batch order) is a pure function of
 (seed, epoch, index), so a resumed run sees exactly the captions and batches the straight run saw.
 """
+import codecs
+import hashlib
 import json
+import logging
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
-from PIL import Image, UnidentifiedImageError
+import numpy as np
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 TRIGGER_PLACEHOLDER = "[trigger]"
 # Caption fields of the official D-OPSD JSONL rows; the official loader picks one of them at random per batch.
 OFFICIAL_CAPTION_KEYS = ("short_en", "detailed_en", "short_zh", "detailed_zh", "medium_zh", "medium_en",
                          "user_prompt_en", "user_prompt_zh")
+# kohya-style subfolders "<repeats>_<name>": every image in them counts <repeats> times per epoch.
+REPEATS_FOLDER = re.compile(r"^(\d+)_(.+)$")
+# Extensions Pillow registers an opener for, minus formats that are not plain pictures or need external
+# programs (stubs for scientific data, PostScript via Ghostscript, Windows metafiles, video).
+_NOT_PICTURES = {".bufr", ".grib", ".h5", ".hdf", ".fit", ".fits", ".eps", ".ps", ".wmf", ".emf", ".mpeg",
+                 ".mpg", ".im", ".iim", ".vst", ".vda", ".icb", ".gbr", ".pxr", ".rgba"}
+IMAGE_EXTS = tuple(sorted(e for e, fmt in Image.registered_extensions().items()
+                          if fmt in Image.OPEN and e not in _NOT_PICTURES))
+CAPTION_EXT = ".txt"
 
 
 @dataclass
@@ -25,39 +38,133 @@ class Example:
     image_path: str
     caption: str
     captions: Tuple[str, ...] = field(default_factory=tuple)  # alternatives to draw from (official JSONL)
+    repeats: int = 1  # kohya "<repeats>_<name>" subfolders: times per epoch
 
     def all_captions(self) -> Tuple[str, ...]:
         return self.captions or (self.caption,)
 
 
-def _read_caption(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read().strip()
+@dataclass
+class FolderScan:
+    """What a folder holds: the examples, and by name everything that is not used (so nothing is dropped silently)."""
+    examples: List[Example]
+    skipped: List[Tuple[str, str]] = field(default_factory=list)  # (relative name, why)
+    orphan_captions: List[str] = field(default_factory=list)      # .txt files with no image beside them
+    empty_captions: List[str] = field(default_factory=list)       # images whose caption file is empty
+
+    def warnings(self) -> List[str]:
+        out = [f"skipped {name}: {why}" for name, why in self.skipped]
+        out += [f"caption {name} has no image with the same name beside it" for name in self.orphan_captions]
+        out += [f"caption of {name} is empty: it trains on the trigger word alone" for name in self.empty_captions]
+        return out
 
 
-def load_folder(folder: str, default_caption: Optional[str] = None) -> List[Example]:
-    """Every image in `folder` (sorted) with the caption in the same-name .txt file."""
-    if not os.path.isdir(folder):
-        raise FileNotFoundError(f"dataset folder {folder} does not exist")
-    examples = []
-    for name in sorted(os.listdir(folder)):
+def read_caption(path: str) -> str:
+    """Caption text: UTF-8 (a BOM is dropped) or UTF-16 with its BOM. Anything else raises, naming the file."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        encoding = "utf-16"
+    else:
+        encoding = "utf-8-sig"
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        raise ValueError(f"caption {path} is not UTF-8 text (byte {e.start}: {raw[e.start:e.start + 1]!r}; a "
+                         "Windows 'ANSI'/cp1252 file?): save it as UTF-8") from None
+    return text.replace("\ufeff", "").strip()
+
+
+def _is_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTS
+
+
+def _scan_one(folder: str, rel: str, repeats: int, scan: FolderScan, default_caption: Optional[str]):
+    names = sorted(os.listdir(folder))
+    stems = {os.path.splitext(n)[0] for n in names if _is_image(n) and os.path.isfile(os.path.join(folder, n))}
+    for name in names:
+        path, shown = os.path.join(folder, name), os.path.join(rel, name) if rel else name
         stem, ext = os.path.splitext(name)
-        if ext.lower() not in IMAGE_EXTS:
+        if name.startswith("."):
+            continue  # hidden files (.DS_Store, editors' temp files)
+        if os.path.isdir(path):
+            if not rel and not REPEATS_FOLDER.match(name):
+                scan.skipped.append((shown + "/", "a subfolder not named <repeats>_<name> (kohya style, e.g. "
+                                                  f"10_{name})"))
+            elif rel:
+                scan.skipped.append((shown + "/", "folders inside a <repeats>_<name> folder are not read"))
             continue
-        txt = os.path.join(folder, stem + ".txt")
+        if ext.lower() == CAPTION_EXT:
+            if stem not in stems:
+                scan.orphan_captions.append(shown)
+            continue
+        if not _is_image(name):
+            scan.skipped.append((shown, f"not an image format Pillow reads ({ext or 'no extension'})"))
+            continue
+        txt = os.path.join(folder, stem + CAPTION_EXT)
         if os.path.exists(txt):
-            caption = _read_caption(txt)
+            caption = read_caption(txt)
+            if not caption:
+                scan.empty_captions.append(shown)
         elif default_caption is not None:
             caption = default_caption
         else:
-            raise FileNotFoundError(f"{name} has no caption: add {stem}.txt beside it or set a default caption")
-        examples.append(Example(os.path.join(folder, name), caption))
-    if not examples:
-        raise ValueError(f"dataset folder {folder} holds no images ({', '.join(IMAGE_EXTS)}); add image + .txt pairs")
-    return examples
+            raise FileNotFoundError(f"{shown} has no caption: add {stem}{CAPTION_EXT} beside it (UTF-8 text)")
+        scan.examples.append(Example(path, caption, repeats=repeats))
 
 
-def load_jsonl(path: str, caption_keys: Optional[Sequence[str]] = None) -> List[Example]:
+_COMMON = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".avif", ".jfif")
+
+
+def scan_folder(folder: str, default_caption: Optional[str] = None) -> FolderScan:
+    """Every image in `folder` and in its kohya `<repeats>_<name>` subfolders (sorted), with the caption in
+    the same-name .txt file; extensions in IMAGE_EXTS, any case. Other files, other subfolders and captions
+    without an image are listed in the result rather than dropped silently."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"dataset folder {folder} does not exist")
+    scan = FolderScan([])
+    _scan_one(folder, "", 1, scan, default_caption)
+    for name in sorted(os.listdir(folder)):
+        m = REPEATS_FOLDER.match(name)
+        if m and os.path.isdir(os.path.join(folder, name)):
+            if int(m.group(1)) < 1:
+                scan.skipped.append((name + "/", "0 repeats"))
+                continue
+            _scan_one(os.path.join(folder, name), name, int(m.group(1)), scan, default_caption)
+    if not scan.examples:
+        skipped = "; ".join(scan.warnings()[:8])
+        raise ValueError(f"dataset folder {folder} holds no images with captions, neither at its top level nor in "
+                         f"kohya-style <repeats>_<name> subfolders (e.g. 10_mychar/). Formats: image + same-name "
+                         f".txt, images {', '.join(e for e in IMAGE_EXTS if e in _COMMON)}, ..."
+                         + (f" Not used: {skipped}" if skipped else ""))
+    return scan
+
+
+
+def load_folder(folder: str, default_caption: Optional[str] = None) -> List[Example]:
+    """scan_folder's examples (see there); what it skipped is logged by name."""
+    scan = scan_folder(folder, default_caption)
+    for w in scan.warnings():
+        logging.warning("D-OPSD dataset %s: %s", folder, w)
+    return scan.examples
+
+
+def expand_repeats(examples: Sequence[Example]) -> List[Example]:
+    """Each example `repeats` times (kohya's rule: a repeat is one more occurrence per epoch)."""
+    return [e for e in examples for _ in range(max(1, e.repeats))]
+
+
+def _inside_any(path: str, roots: Sequence[str]) -> bool:
+    real = os.path.realpath(path)
+    for root in roots:
+        root = os.path.realpath(root)
+        if os.path.commonpath([root, real]) == root:
+            return True
+    return False
+
+
+def load_jsonl(path: str, caption_keys: Optional[Sequence[str]] = None,
+               roots: Optional[Sequence[str]] = None) -> List[Example]:
     """Rows {"image": path, "caption": text} (also "file_name"/"text"/"prompt"), or the official code's rows
     ("local_path_list" + caption fields such as "short_en"/"detailed_en"). Relative image paths are tried
     relative to the JSONL file's folder, then to its parent folders (the official rows are relative to the
@@ -65,11 +172,14 @@ def load_jsonl(path: str, caption_keys: Optional[Sequence[str]] = None) -> List[
 
     caption_keys: which fields hold alternative captions (default: the official eight when present); each
     step then draws one of them, as the official loader does.
+    roots: when given, every image must resolve (after symlinks) inside one of these folders, and parent
+    folders are searched only up to them; a row naming anything else raises the same error whether or not
+    the file exists (so the error cannot be used to probe the disk).
     """
     base = os.path.dirname(os.path.abspath(path))
     keys = tuple(caption_keys) if caption_keys else OFFICIAL_CAPTION_KEYS
     examples = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -87,22 +197,26 @@ def load_jsonl(path: str, caption_keys: Optional[Sequence[str]] = None) -> List[
                 raise ValueError(f"{path}:{n} needs an image field ('image', 'file_name' or 'local_path_list') and "
                                  f"a caption field ('caption', 'text', 'prompt' or one of {', '.join(keys)})")
             for image in ([images] if isinstance(images, str) else images):
-                examples.append(Example(_resolve(base, image), str(caption), alternatives))
+                resolved = _resolve(base, str(image), roots)
+                if roots is not None and (resolved is None or not _inside_any(resolved, roots)):
+                    raise ValueError(f"{path}:{n}: image {image!r} is outside the dataset's folder and ComfyUI's "
+                                     "input directory: put the images there and name them relative to the .jsonl")
+                examples.append(Example(resolved, str(caption), alternatives))
     if not examples:
         raise ValueError(f"{path} holds no rows")
     return examples
 
 
-def _resolve(base: str, image: str) -> str:
-    if os.path.isabs(image):
-        return image
+def _resolve(base: str, image: str, roots: Optional[Sequence[str]] = None) -> Optional[str]:
+    if os.path.isabs(image) or image.startswith("~"):
+        return image if roots is None else None
     folder = base
     while True:
         candidate = os.path.join(folder, image)
         if os.path.exists(candidate):
             return candidate
         parent = os.path.dirname(folder)
-        if parent == folder:
+        if parent == folder or (roots is not None and not _inside_any(parent, roots)):
             return os.path.join(base, image)  # missing: open_image reports it with this path
         folder = parent
 
@@ -116,28 +230,84 @@ def load_dataset(path: str, default_caption: Optional[str] = None) -> List[Examp
     raise ValueError(f"{path} is neither a folder of image + .txt pairs nor a .jsonl file")
 
 
+def fingerprint(paths: Sequence[str]) -> str:
+    """A short hash of the files' (path, size, mtime): changes when a file is added, removed or edited."""
+    h = hashlib.sha1()
+    for p in sorted(set(paths)):
+        try:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{p}\0missing\n".encode())
+    return h.hexdigest()[:16]
+
+
+def dataset_files(path: str, roots: Optional[Sequence[str]] = None) -> List[str]:
+    """The files a dataset at `path` reads (folder: images and captions one subfolder deep; JSONL: itself and
+    its rows' images, confined to `roots` as in load_jsonl), for fingerprint()."""
+    if os.path.isdir(path):
+        out = [path]
+        for name in os.listdir(path):
+            sub = os.path.join(path, name)
+            out.append(sub)
+            if os.path.isdir(sub) and REPEATS_FOLDER.match(name):
+                out += [os.path.join(sub, n) for n in os.listdir(sub)]
+        return out
+    out = [path]
+    try:
+        out += [e.image_path for e in load_jsonl(path, roots=roots)]
+    except (OSError, ValueError):
+        pass
+    return out
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """RGB with one rule for everything: transparent pixels composited on white; 16-bit greyscale scaled
+    (0..65535 -> 0..255) rather than clamped; 32-bit float greyscale taken as 0..1."""
+    if im.mode in _SIXTEEN_BIT:
+        a = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(np.round(a / 257.0), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        return Image.fromarray(np.clip(np.round(a * 255.0), 0, 255).astype(np.uint8), "L").convert("RGB")
+    if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode in ("P", "L", "RGB") and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        out = Image.new("RGB", rgba.size, (255, 255, 255))
+        out.paste(rgba, mask=rgba.getchannel("A"))
+        return out
+    return im.convert("RGB")
+
+
 def open_image(path: str) -> Image.Image:
-    """RGB image; transparent pixels are composited on white (as the official loader does)."""
+    """RGB image, turned upright by its EXIF orientation (as ComfyUI's LoadImage does); transparent
+    pixels become white; 16-bit greyscale is scaled. Errors name the file."""
     try:
         with Image.open(path) as im:
-            if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-                rgba = im.convert("RGBA")
-                out = Image.new("RGB", rgba.size, (255, 255, 255))
-                out.paste(rgba, mask=rgba.getchannel("A"))
-                return out
-            return im.convert("RGB")
+            im.load()
+            return _to_rgb(ImageOps.exif_transpose(im) or im)
     except FileNotFoundError as e:
         raise FileNotFoundError(f"image {path} does not exist; fix the dataset entry") from e
-    except (UnidentifiedImageError, OSError) as e:
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image {path} is too large to decode safely ({e}): downscale it") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
         raise ValueError(f"cannot read image {path}: {e}; replace or remove it") from e
 
 
 def image_size(path: str) -> Tuple[int, int]:
-    """(width, height) from the file header, without decoding the pixels."""
+    """(width, height) after EXIF orientation, from the file header, without decoding the pixels."""
     try:
         with Image.open(path) as im:
-            return im.size
-    except (UnidentifiedImageError, OSError) as e:
+            w, h = im.size
+            orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+            return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"image {path} does not exist; fix the dataset entry") from e
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image {path} is too large to decode safely ({e}): downscale it") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"cannot read image {path}: {e}; replace or remove it") from e
 
 

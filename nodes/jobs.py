@@ -103,6 +103,22 @@ def sample_pair(model, net, pair: Pair, sigmas: torch.Tensor, seed: int):
     return out
 
 
+BLIND_TEACHER_STEPS = 3
+
+
+def refuse_blind_teacher(method: str, losses: List[List[float]]):
+    """Stop a job whose teacher and student agree exactly (loss 0.0) for its first BLIND_TEACHER_STEPS
+    steps: the teacher sees nothing the student does not (e.g. a context the model ignores), so the LoRA
+    would stay zero. Raising here ends the job in state "error" with this message."""
+    if method == "sft" or len(losses) != BLIND_TEACHER_STEPS or losses[0][0] != 1:
+        return
+    if all(loss == 0.0 for _, loss in losses):
+        raise RuntimeError(f"the teacher's and the student's predictions were identical for the first "
+                           f"{BLIND_TEACHER_STEPS} steps (loss exactly 0), so the LoRA would stay all zero: the model "
+                           "ignores the teacher's extra context. Use a teacher this model can see (Z-Image: the VLM "
+                           "Splice teacher; FLUX.2-klein: Reference Latent)")
+
+
 class Job:
     def __init__(self, model, net, pairs: List[Pair], cfg: TrainConfig, *, node_id: str = "", prompt_id: str = "",
                  vae=None, inference_sigmas: Optional[torch.Tensor] = None, preview_every: int = 0,
@@ -228,6 +244,7 @@ class Job:
     def _on_progress(self, p):
         self.step, self.loss, self.its_per_sec, self.eta_s = p.step, p.loss, p.its_per_sec, p.eta_s
         self.losses.append([p.step, p.loss])
+        refuse_blind_teacher(self.cfg.method, self.losses)
         if self.state == "waiting":
             self.state = "running"
         events.send("dopsd.progress", {"job_id": self.job_id, "node_id": self.node_id, "step": p.step,

@@ -28,6 +28,11 @@ def _clone_tree(x):
 
 def detached_copy(pairs: List[Pair]) -> List[Pair]:
     """Plain (non-inference) copies: tensors made in ComfyUI's executor are inference tensors, which
-    autograd refuses to save. Must run outside torch.inference_mode."""
-    return [Pair(p.caption, _clone_tree(p.student), _clone_tree(p.teacher), p.latent.detach().clone(),
-                 p.image.detach().clone()) for p in pairs]
+    autograd refuses to save. Must run outside torch.inference_mode. A pair that appears several times
+    (kohya repeats) is copied once and stays one object."""
+    copies = {}
+    for p in pairs:
+        if id(p) not in copies:
+            copies[id(p)] = Pair(p.caption, _clone_tree(p.student), _clone_tree(p.teacher), p.latent.detach().clone(),
+                                 p.image.detach().clone())
+    return [copies[id(p)] for p in pairs]

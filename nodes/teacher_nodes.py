@@ -8,7 +8,10 @@ Three ways to give the teacher the image:
 - a native VLM text encoder whose tokenizer takes images (Qwen-Image's Qwen2.5-VL);
 - the VLM splice for Z-Image (vlm_splice_nodes.py).
 """
+import logging
+
 import node_helpers
+import torch
 from comfy_api.latest import io
 
 from . import CATEGORY
@@ -42,6 +45,50 @@ def _has_image_tokens(tokens) -> bool:
     return False
 
 
+def _each_once(dataset, make):
+    """make(item) for every item; repeated items (kohya repeats share one item object) are encoded once."""
+    done, out = {}, []
+    for item in dataset:
+        if id(item) not in done:
+            done[id(item)] = make(item)
+        out.append(done[id(item)])
+    return out
+
+
+def model_sees_reference_latents(model, teacher, latent):
+    """Whether the model turns `reference_latents` into an input of its forward (ComfyUI's extra_conds),
+    tried the way the sampler does it. None when it cannot be told (then nothing is refused)."""
+    cond, extra = teacher[0][0], dict(teacher[0][1])
+    refs = extra.pop("reference_latents", None)
+    if refs is None:
+        return None
+    params = {"pooled_output": None, **extra, "noise": torch.zeros_like(latent), "device": latent.device,
+              "cross_attn": cond}
+    try:
+        without = model.model.extra_conds(**params)
+        with_refs = model.model.extra_conds(**params, reference_latents=refs)
+    except Exception:  # an unusual model: let training (and the blind-teacher check) decide
+        return None
+    return set(with_refs) != set(without)
+
+
+def require_visible_teacher(model, pairs):
+    """Refuse, before anything trains, a teacher that differs from the student only by reference latents
+    the model ignores: D-OPSD would train at loss 0 (teacher == student) and save an all-zero LoRA. When a
+    teacher_prompt_prefix still makes the teacher differ, only warn: the teacher then sees that text, not
+    the image."""
+    if not pairs or model_sees_reference_latents(model, pairs[0].teacher, pairs[0].latent) is not False:
+        return
+    name = type(getattr(model.model, "model_config", model.model)).__name__
+    fix = ("use the VLM Splice teacher (Z-Image) or a model with an edit path (FLUX.2-klein, Qwen-Image-Edit, "
+           "Kontext)")
+    if all(torch.equal(p.teacher[0][0], p.student[0][0]) for p in pairs):
+        raise ValueError(f"this model ({name}) ignores reference latents, so the Reference Latent teacher would see "
+                         f"exactly what the student sees and nothing would train: {fix}")
+    logging.warning("D-OPSD: this model (%s) ignores reference latents: the teacher differs from the student only "
+                    "by its prompt prefix and never sees the target image; %s", name, fix)
+
+
 def _outputs(pairs):
     return io.NodeOutput(pairs, pairs[0].student, pairs[0].teacher)
 
@@ -71,16 +118,16 @@ class DOPSDTeacherReferenceLatent(io.ComfyNode):
     @classmethod
     def execute(cls, dataset, clip, vae, teacher_prompt_prefix) -> io.NodeOutput:
         require_dataset(dataset)
-        pairs = []
-        for item in dataset:
+        prefix = teacher_prompt_prefix.strip()
+
+        def make(item):
             latent = encode_latent(vae, item["image"])
             student = encode_text(clip, item["caption"])
-            prefix = teacher_prompt_prefix.strip()
             teacher_text = f"{prefix} {item['caption']}".strip() if prefix else item["caption"]
             teacher = node_helpers.conditioning_set_values(
                 encode_text(clip, teacher_text) if prefix else student, {"reference_latents": [latent]}, append=True)
-            pairs.append(Pair(item["caption"], student, teacher, latent, item["image"]))
-        return _outputs(pairs)
+            return Pair(item["caption"], student, teacher, latent, item["image"])
+        return _outputs(_each_once(dataset, make))
 
 
 class DOPSDTeacherNativeVLM(io.ComfyNode):
@@ -97,17 +144,17 @@ class DOPSDTeacherNativeVLM(io.ComfyNode):
     @classmethod
     def execute(cls, dataset, clip, vae) -> io.NodeOutput:
         require_dataset(dataset)
-        pairs = []
-        for item in dataset:
+
+        def make(item):
             tokens = clip.tokenize(item["caption"], images=[item["image"][:, :, :, :3]])
             if not _has_image_tokens(tokens):
                 raise ValueError("this CLIP's tokenizer ignores images, so the teacher would see text only: use a "
                                  "VLM text encoder (e.g. Qwen-Image's qwen_2.5_vl), or the Reference Latent / VLM "
                                  "Splice teacher")
             teacher = clip.encode_from_tokens_scheduled(tokens)
-            pairs.append(Pair(item["caption"], encode_text(clip, item["caption"]), teacher,
-                              encode_latent(vae, item["image"]), item["image"]))
-        return _outputs(pairs)
+            return Pair(item["caption"], encode_text(clip, item["caption"]), teacher,
+                        encode_latent(vae, item["image"]), item["image"])
+        return _outputs(_each_once(dataset, make))
 
 
 NODES = [DOPSDTeacherReferenceLatent, DOPSDTeacherNativeVLM]

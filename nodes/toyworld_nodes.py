@@ -34,6 +34,32 @@ def _missing_weights_message():
             "D-OPSD Toy World Loader (about 10 minutes on 2 CPU cores)")
 
 
+def _require_size(images, size: int, what: str):
+    """The toy world is 32x32 pixels; any other size would fail deep inside with a tensor-size error."""
+    if images.shape[1:3] != (size, size):
+        raise ValueError(f"the toy world's images are {size}x{size} pixels, but {what} got "
+                         f"{images.shape[2]}x{images.shape[1]}: set the D-OPSD Dataset node's resolution to {size} "
+                         "(its default, 512, is for real models)")
+
+
+def _sized(encoder, tokenizer, size: int):
+    """The toy CLIP and VAE, refusing images of another size with a message that names the fix."""
+    from .comfy_bridge import toy_models
+
+    class ToyClip(toy_models.ToyClip):
+        def tokenize(self, text, return_word_ids=False, images=None, **kwargs):
+            for image in images or []:
+                _require_size(image, size, "the teacher's encoder")
+            return super().tokenize(text, return_word_ids, images, **kwargs)
+
+    class ToyVAE(toy_models.ToyVAE):
+        def encode(self, pixels):
+            _require_size(pixels, size, "VAE Encode")
+            return super().encode(pixels)
+
+    return ToyClip(encoder, tokenizer), ToyVAE()
+
+
 class DOPSDToyWorldLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -62,7 +88,8 @@ class DOPSDToyWorldLoader(io.ComfyNode):
             raise ValueError(missing)
         b = build.load(build_if_missing=allow_build)
         model = toy_models.model_patcher(b.student.dit, build.SHIFT)
-        return io.NodeOutput(model, toy_models.ToyClip(b.student.encoder, b.tokenizer), toy_models.ToyVAE())
+        clip, vae = _sized(b.student.encoder, b.tokenizer, b.student.encoder.cfg.image_size)
+        return io.NodeOutput(model, clip, vae)
 
 
 class DOPSDToyWorldConcept(io.ComfyNode):

@@ -1,4 +1,5 @@
 """The D-OPSD trainer node (starts a background job and returns at once), waiting, and teacher preview."""
+import math
 import os
 
 import comfy.samplers
@@ -8,9 +9,9 @@ from comfy_api.latest import io
 
 from ..dopsd_core import schedules
 from ..dopsd_core.train import METHODS, PRECISIONS, TrainConfig
-from . import CATEGORY, jobs, routes
+from . import CATEGORY, jobs, routes, teacher_nodes
 from .comfy_bridge import lora_patch, model_checks, turns
-from .paths import inside
+from .paths import inside, resume_path
 from .schedule_nodes import flux2_sigmas
 from .teacher_nodes import Pairs
 
@@ -87,19 +88,26 @@ class DOPSDTrainer(io.ComfyNode):
                                 tooltip="Comma-separated glob patterns of Linear modules to train; 'auto' picks "
                                         "attention and MLP projections for the model family."),
                 io.String.Input("resume_from", default="", optional=True,
-                                tooltip="A training_state.pt from output/dopsd_jobs/<job>/ to continue exactly."),
+                                tooltip="A job id from output/dopsd_jobs (or <job id>/training_state.pt) to continue "
+                                        "exactly; the job keeps its save_prefix."),
             ],
             outputs=[Job.Output(display_name="job")],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
-    def validate_inputs(cls, save_prefix, train_steps, inference_steps):
+    def validate_inputs(cls, save_prefix, train_steps, inference_steps, resume_from="", ema_decay=0.9999, alpha=16.0,
+                        grad_clip=1.0, learning_rate=1e-4):
         if inference_steps % train_steps:
             return (f"train_steps ({train_steps}) must divide inference_steps ({inference_steps}) so the rollout "
                     "stays on the sampler's schedule")
+        for name, value in (("ema_decay", ema_decay), ("alpha", alpha), ("grad_clip", grad_clip),
+                            ("learning_rate", learning_rate)):
+            if not math.isfinite(float(value)):  # NaN passes ComfyUI's min/max checks (grad_clip NaN: no clipping)
+                return f"{name} is {value}: give a number"
         try:
-            check_save_prefix(save_prefix)
+            resume_path(resume_from)
+            check_save_prefix(save_prefix, overwrite=bool(resume_from))  # a resumed job keeps its save_prefix
         except ValueError as e:
             return str(e)
         return True
@@ -115,9 +123,9 @@ class DOPSDTrainer(io.ComfyNode):
         for p in pairs:
             model_checks.require_condition_width(p.student, model, "student")
             model_checks.require_condition_width(p.teacher, model, "teacher")
-        save_prefix = check_save_prefix(save_prefix)
-        if resume_from and not os.path.isfile(resume_from):
-            raise ValueError(f"resume_from {resume_from!r} is not a file: give the path of a training_state.pt")
+        teacher_nodes.require_visible_teacher(model, pairs)
+        resume_from = resume_path(resume_from)
+        save_prefix = check_save_prefix(save_prefix, overwrite=bool(resume_from))
         infer = inference_sigmas(model, inference_steps, schedule, pairs[0].latent)
         rollout = schedules.rollout_sigmas(infer, train_steps)
         cfg = TrainConfig(method=method, steps=steps, rollout_sigmas=[float(s) for s in rollout],
@@ -182,6 +190,7 @@ class DOPSDTeacherPreview(io.ComfyNode):
             raise ValueError(f"pair_index {pair_index} is out of range: the dataset has {len(pairs)} pairs")
         pair = pairs[pair_index]
         model_checks.require_condition_width(pair.teacher, model, "teacher")
+        teacher_nodes.require_visible_teacher(model, [pair])
         sigmas = inference_sigmas(model, steps, schedule, pair.latent)
         out = jobs.sample_pair(model, None, pair, sigmas, seed)
         student, teacher = vae.decode(out["student"]), vae.decode(out["teacher"])

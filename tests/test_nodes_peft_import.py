@@ -27,6 +27,17 @@ def _official_like_adapter(folder, dim, rank=2, alpha=4.0, seed=0):
     return tensors
 
 
+@pytest.fixture()
+def loras(tmp_path):
+    """models/loras in a temporary folder: adapters are picked from there, as in ComfyUI."""
+    import folder_paths
+    old = folder_paths.folder_names_and_paths["loras"]
+    folder_paths.folder_names_and_paths["loras"] = ([str(tmp_path / "loras")], old[1])
+    (tmp_path / "loras").mkdir()
+    yield tmp_path / "loras"
+    folder_paths.folder_names_and_paths["loras"] = old
+
+
 def _qkv_weight(model):
     model.patch_model()
     try:
@@ -35,11 +46,12 @@ def _qkv_weight(model):
         model.unpatch_model()
 
 
-def test_peft_import_patches_fused_qkv_exactly(lora_nodes, tiny_zimage, tmp_path):
+def test_peft_import_patches_fused_qkv_exactly(lora_nodes, tiny_zimage, loras):
     dim = tiny_zimage.model.diffusion_model.layers[0].attention.qkv.weight.shape[1]
-    tensors = _official_like_adapter(tmp_path / "ckpt", dim)
+    tensors = _official_like_adapter(loras / "ckpt", dim)
+    assert "ckpt" in lora_nodes.peft_adapters()
     base = _qkv_weight(tiny_zimage.clone())
-    patched = lora_nodes.DOPSDImportPEFT.execute(tiny_zimage, str(tmp_path / "ckpt"), 1.0, "")[0]
+    patched = lora_nodes.DOPSDImportPEFT.execute(tiny_zimage, "ckpt", 1.0, "")[0]
     got = _qkv_weight(patched)
     scale = 4.0 / 2
     delta = torch.cat([tensors[f"base_model.model.layers.0.attention.{n}.lora_B.weight"]
@@ -49,9 +61,9 @@ def test_peft_import_patches_fused_qkv_exactly(lora_nodes, tiny_zimage, tmp_path
     assert torch.equal(_qkv_weight(tiny_zimage.clone()), base)  # the input MODEL is untouched
 
 
-def test_peft_import_errors(lora_nodes, tiny_zimage, tiny_flux2, tmp_path):
-    with pytest.raises(ValueError, match="not found"):
-        lora_nodes.DOPSDImportPEFT.execute(tiny_zimage, str(tmp_path / "missing"), 1.0, "")
-    _official_like_adapter(tmp_path / "ckpt", 256)
+def test_peft_import_errors(lora_nodes, tiny_zimage, tiny_flux2, loras):
+    with pytest.raises(ValueError, match="is not among the adapters"):
+        lora_nodes.DOPSDImportPEFT.execute(tiny_zimage, "missing", 1.0, "")
+    _official_like_adapter(loras / "ckpt", 256)
     with pytest.raises(ValueError, match="match no weight of this model"):
-        lora_nodes.DOPSDImportPEFT.execute(tiny_flux2, str(tmp_path / "ckpt"), 1.0, "")
+        lora_nodes.DOPSDImportPEFT.execute(tiny_flux2, "ckpt", 1.0, "")

@@ -241,18 +241,36 @@ def test_gradient_checkpointing_and_plain_blocks_give_the_same_gradient(N, flux2
     torch.testing.assert_close(plain, ckpt, rtol=1e-3, atol=1e-2 * plain.abs().max().item())
 
 
-def test_resume_from_training_state_continues_and_bad_file_is_named(N, flux2, loras_dir, tmp_path):
+@pytest.fixture()
+def output_dir(tmp_path):
+    import folder_paths
+    old = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(tmp_path / "output"))
+    yield tmp_path / "output"
+    folder_paths.set_output_directory(old)
+
+
+def test_resume_from_training_state_continues_and_bad_file_is_named(N, flux2, loras_dir, output_dir, tmp_path):
     model, vae = flux2
     pairs = flux2_pairs(N, vae)
     first, _ = start_job(N, model, pairs, steps=2, save_prefix="dopsd/resumable", save_every=2)
     assert wait_state(first, ("finished", "error")) == "finished", first.error
     state = os.path.join(first.job_dir, "training_state.pt")
     assert os.path.isfile(state)
-    second, _ = start_job(N, model, pairs, steps=4, resume_from=state)
+    # resuming keeps the save_prefix whose earlier files (step 2) exist
+    second, _ = start_job(N, model, pairs, steps=4, resume_from=state, save_prefix="dopsd/resumable", save_every=2)
     assert wait_state(second, ("finished", "error")) == "finished", second.error
     assert second.step == 4 and len(second.trainer.losses) == 4
-    bad = tmp_path / "not_a_state.pt"
-    bad.write_bytes(b"garbage")
-    third, _ = start_job(N, model, pairs, steps=2, resume_from=str(bad))
+    assert sorted(os.listdir(loras_dir / "dopsd")) == ["resumable_step00002.safetensors",
+                                                       "resumable_step00004.safetensors"]
+    bad = os.path.join(os.path.dirname(first.job_dir), "broken", "training_state.pt")
+    os.makedirs(os.path.dirname(bad))
+    with open(bad, "wb") as f:
+        f.write(b"garbage")
+    third, _ = start_job(N, model, pairs, steps=2, resume_from="broken")  # a job id names its training state
     assert wait_state(third, ("finished", "error")) == "error"
     assert "not a training_state.pt" in third.error
+    outside = tmp_path / "not_a_state.pt"  # outside ComfyUI's folders: refused before a job starts
+    outside.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a training state in output/dopsd_jobs or input"):
+        start_job(N, model, pairs, steps=2, resume_from=str(outside))
