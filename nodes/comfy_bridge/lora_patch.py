@@ -81,15 +81,26 @@ def _restore(swapped):
             table[name] = original
 
 
-def install(model, net: LoRANetwork):
+class Attachment:
+    """Where the job's LoRA is: `injected` now, and how many times ComfyUI ejected it (unload, another
+    clone loaded). A step compares `ejections` before and after to know whether it ran without its LoRA."""
+
+    def __init__(self):
+        self.injected = False
+        self.ejections = 0
+
+
+def install(model, net: LoRANetwork) -> Attachment:
     """Register the injection on `model` (a clone owned by the training job)."""
     state = {"handle": None, "swapped": []}
+    attachment = Attachment()
 
     def inject(patcher):
         root = patcher.model.diffusion_model
         net.to(patcher.load_device)
         state["swapped"] = _alias_inference_tensors(root)
         state["handle"] = net.attach(root)
+        attachment.injected = True
 
     def eject(patcher):
         if state["handle"] is not None:
@@ -97,8 +108,12 @@ def install(model, net: LoRANetwork):
             state["handle"] = None
         _restore(state["swapped"])
         state["swapped"] = []
+        if attachment.injected:
+            attachment.ejections += 1
+        attachment.injected = False
 
     model.set_injections(INJECTION_KEY, [comfy.patcher_extension.PatcherInjection(inject=inject, eject=eject)])
+    return attachment
 
 
 def uninstall(model):
