@@ -69,7 +69,8 @@ def _queued_trainer_prefixes():
     try:
         from server import PromptServer
         queue = PromptServer.instance.prompt_queue
-        running, pending = queue.get_current_queue()
+        read = getattr(queue, "get_current_queue_volatile", None) or queue.get_current_queue
+        running, pending = read()
     except Exception:  # no server (in-process use)
         return []
     found = []
