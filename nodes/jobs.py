@@ -378,6 +378,8 @@ class Job:
                 self._release()
             finally:
                 self.done.set()
+                with _LOCK:
+                    _forget_old_jobs()
 
     def _stop_model_lost(self, e: ModelLost):
         """The model is gone for good: keep what was learnt, say why."""
