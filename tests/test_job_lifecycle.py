@@ -168,3 +168,116 @@ def test_waiting_to_running_sends_a_state_event_and_a_crash_logs_its_traceback(N
         assert wait_state(job, ("error", "finished")) == "error"
         job.wait(30)
     assert "Traceback" in caplog.text and "simulated crash" in caplog.text and job.job_id in caplog.text
+
+
+def test_block_guard_copies_activations_only_for_in_place_blocks_and_zimage_needs_none(N, zimage, pairs):
+    """Z-Image's blocks never modify their inputs: without checkpointing they run unguarded (no activation
+    copies) and still give the LoRA the same gradient as recomputation; Flux2's in-place blocks are guarded."""
+    from comfyui_dopsd.dopsd_core import objectives
+    from comfyui_dopsd.nodes.comfy_bridge import blocks, guided, lora_patch
+    from comfyui_dopsd.nodes.pairs import detached_copy
+    model, _, _ = zimage
+    with executor_mode():
+        flux2 = F.build_tiny_flux2(seed=0)
+    guard = blocks.guard_blocks(flux2, None, False)
+    assert len(guard.modules) == len(blocks.top_level_blocks(flux2)) > 0
+    guard.remove()
+    guard = blocks.guard_blocks(model, None, False)
+    assert guard.modules == [] and len(blocks.top_level_blocks(model)) == 4
+    guard.remove()
+
+    pair = detached_copy(pairs)[0]
+    mp = model.clone()
+    net = lora_patch.build_network(mp, 4, 4.0, "auto", 0.0, 0.9, False, 0)
+    with torch.no_grad():
+        for m in net.loras:
+            m.up.normal_(0, 0.05)
+            m.ema_up.normal_(0, 0.05)
+    lora_patch.install(mp, net)
+    noise = torch.randn(pair.latent.shape, generator=torch.Generator().manual_seed(0))
+
+    def grads(checkpointing):
+        for p in net.trainable_parameters():
+            p.grad = None
+
+        def body(mw, mo, latent, _):
+            s, t = guided.velocity_fn(mw, mo, "positive"), guided.velocity_fn(mw, mo, "teacher")
+
+            def student(x, sg):
+                with net.mode("student"):
+                    return s(x, sg)
+
+            def teacher(x, sg):
+                with net.mode("teacher"):
+                    return t(x, sg)
+            return objectives.dopsd_step(student, teacher, noise, torch.tensor([1.0, 0.75, 0.5]))
+
+        handle = blocks.guard_blocks(mp, net, checkpointing)
+        try:
+            with guided.training_flags():
+                guided.run_guided(mp, {"positive": pair.student, "teacher": pair.teacher}, pair.latent, body)
+        finally:
+            handle.remove()
+        return torch.cat([p.grad.flatten() for p in net.trainable_parameters()])
+
+    plain, ckpt = grads(False), grads(True)
+    lora_patch.uninstall(mp)
+    assert plain.abs().sum() > 0
+    torch.testing.assert_close(plain, ckpt, rtol=1e-3, atol=1e-6)
+
+
+def test_cancel_while_a_prompt_waits_for_the_step_reaches_that_prompt_and_not_the_job(N):
+    """The job's ops neither raise nor clear ComfyUI's interrupt flag; a Cancel pressed while the prompt
+    waits for the step in flight survives the executor's reset and interrupts that prompt."""
+    import queue
+    import threading
+    import time
+
+    import comfy.model_management as mm
+    import nodes as comfy_nodes
+    from comfyui_dopsd.nodes.comfy_bridge import interrupts, turns
+
+    class Queue:
+        def __init__(self):
+            self.q = queue.Queue()
+
+        def get(self, timeout=None):
+            try:
+                return self.q.get(timeout=timeout)
+            except queue.Empty:
+                return None
+
+    turn, fake, saved = turns.ModelTurn(), Queue(), turns._installed_on
+    turns._installed_on = None
+    turns.install_on_queue(fake, turn, currently_in_prompt=False)
+    stepping, release, seen = threading.Event(), threading.Event(), {}
+
+    def training_step():
+        with interrupts.shielded(), turn.trainer_step():
+            stepping.set()
+            release.wait(10)
+            mm.throw_exception_if_processing_interrupted()  # what every comfy op does inside the step
+            seen["job_saw_flag"] = mm.processing_interrupted()
+
+    job = threading.Thread(target=training_step)
+    job.start()
+    stepping.wait(10)
+    fake.q.put("prompt")
+    worker = threading.Thread(target=lambda: seen.setdefault("item", fake.get(timeout=10)))
+    worker.start()
+    try:
+        time.sleep(0.2)
+        assert "item" not in seen, "the prompt must wait for the step in flight"
+        comfy_nodes.interrupt_processing(True)  # the user's Cancel, for that prompt
+        release.set()
+        job.join(10)
+        worker.join(10)
+        assert seen["item"] == "prompt" and seen["job_saw_flag"] is False
+        comfy_nodes.interrupt_processing(False)  # the executor's reset when the prompt starts
+        with pytest.raises(mm.InterruptProcessingException):
+            mm.throw_exception_if_processing_interrupted()  # the prompt's first node
+    finally:
+        comfy_nodes.interrupt_processing(False)
+        release.set()
+        turn.worker_release()
+        turns._installed_on = saved

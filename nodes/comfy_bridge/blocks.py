@@ -5,6 +5,10 @@ breaks backward once LoRA makes that input require grad: the block's own LayerNo
 trains without gradient checkpointing, activations a block saves for backward are saved as copies taken at
 save time (weights, which have no grad_fn, are not copied), so later in-place updates cannot corrupt them.
 With gradient checkpointing, blocks are recomputed in backward and need no copies.
+
+Only blocks that may update in place pay for the copies: blocks from modules known to be out of place
+(Z-Image / Lumina2: `x = x + gate * out`) run untouched, which saves about a third of their activation
+memory; blocks of any other family (Flux, Flux2, Chroma, unknown ones) keep the guard, to be safe.
 """
 import torch
 
@@ -32,6 +36,16 @@ def snapshot_saved_activations(modules) -> CheckpointHandle:
     return wrap_forwards(modules, around)
 
 
+OUT_OF_PLACE_MODULES = ("comfy.ldm.lumina.",)
+
+
+def updates_in_place(block) -> bool:
+    """False for blocks known never to modify their inputs; True otherwise (the safe answer)."""
+    return not type(block).__module__.startswith(OUT_OF_PLACE_MODULES)
+
+
 def guard_blocks(model, net, checkpointing: bool) -> CheckpointHandle:
     blocks = top_level_blocks(model)
-    return checkpoint_modules(blocks, lora_network=net) if checkpointing else snapshot_saved_activations(blocks)
+    if checkpointing:
+        return checkpoint_modules(blocks, lora_network=net)
+    return snapshot_saved_activations([b for b in blocks if updates_in_place(b)])
