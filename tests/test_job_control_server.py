@@ -217,7 +217,7 @@ def test_save_prefix_spelled_with_dot_and_double_slash_finishes(server):
 
 
 def test_stop_while_stopping_is_409_and_nested_json_is_400(server):
-    job_id, _ = start_job(server, "zimage", grad_accum=30)
+    job_id, _ = start_job(server, "zimage", grad_accum=12)
     wait_for(lambda: status(server, job_id)["step"] >= 1, what="the job to train")
     deep = "[" * 100000 + "]" * 100000
     import urllib.error
