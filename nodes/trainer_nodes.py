@@ -77,8 +77,10 @@ def _queued_trainer_prefixes():
     for item in list(running) + list(pending):
         prompt = item[2] if len(item) > 2 and isinstance(item[2], dict) else {}
         for node_id, node in prompt.items():
-            prefix = (node.get("inputs") or {}).get("save_prefix") if isinstance(node, dict) else None
-            if node.get("class_type") == "DOPSDTrainer" and isinstance(prefix, str):
+            if not isinstance(node, dict) or node.get("class_type") != "DOPSDTrainer":
+                continue
+            prefix = (node.get("inputs") or {}).get("save_prefix")
+            if isinstance(prefix, str):
                 found.append((str(node_id), item[1], normalise_save_prefix(prefix)))
     return found
 
