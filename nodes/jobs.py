@@ -200,7 +200,8 @@ class Job:
         self.saved_step: Optional[int] = None   # the step of the last LoRA file written under save_prefix
         self.lora_path: Optional[str] = None
         self.previews = None
-        self.trainer: Optional[Trainer] = None
+        self.trainer: Optional[Trainer] = None   # released when the job ends; `result` stays
+        self.result = None                        # dopsd_core TrainResult (step, losses, stopped)
         self.attachment = None
         self.done = threading.Event()
         self.test_hook = None  # tests: called before every step (e.g. to simulate a crash)
@@ -356,7 +357,7 @@ class Job:
         try:
             with interrupts.shielded(), torch.inference_mode(False), torch.enable_grad():
                 try:
-                    result = self._train()
+                    result = self.result = self._train()
                 except ModelLost as e:
                     self._stop_model_lost(e)
                     return

@@ -22,7 +22,7 @@ from comfy_api.latest import io
 from ..dopsd_core import schedules
 from ..dopsd_core.train import METHODS, PRECISIONS, TrainConfig
 from . import CATEGORY, jobs, routes
-from .comfy_bridge import lora_patch, model_checks, turns
+from .comfy_bridge import families, lora_patch, model_checks, turns
 from .paths import inside
 from .schedule_nodes import flux2_sigmas
 from .teacher_nodes import Pairs
@@ -34,9 +34,9 @@ routes.register_with_server()
 def inference_sigmas(model, steps: int, schedule: str, latent: torch.Tensor) -> torch.Tensor:
     """The few-step schedule users sample with; training rolls out on (a subset of) the same sigmas."""
     if schedule == "auto":
-        schedule = "flux2" if model_checks.is_flux2(model) else "simple"
+        schedule = families.default_schedule(model)
     if schedule == "flux2":
-        scale = 16 if latent.shape[1] == 128 else 8
+        scale = families.pixels_per_latent(latent)
         return flux2_sigmas(steps, latent.shape[-1] * scale, latent.shape[-2] * scale).float().cpu()
     return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps).float().cpu()
 

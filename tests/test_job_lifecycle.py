@@ -281,3 +281,18 @@ def test_cancel_while_a_prompt_waits_for_the_step_reaches_that_prompt_and_not_th
         release.set()
         turn.worker_release()
         turns._installed_on = saved
+
+
+def test_family_rules_in_one_module(N, zimage):
+    from comfyui_dopsd.nodes.comfy_bridge import families, lora_patch
+    model, _, _ = zimage
+    with executor_mode():
+        flux2 = F.build_tiny_flux2(seed=0)
+    assert families.family(model) == "zimage" and families.family(flux2) == "flux2"
+    assert families.default_schedule(model) == "simple" and families.default_schedule(flux2) == "flux2"
+    assert lora_patch.default_targets(model) == families.TARGETS["zimage"]
+    assert lora_patch.default_targets(flux2) == families.TARGETS["flux"]
+    assert families.hidden_width(model) == F.TINY_ZIMAGE["dim"]
+    assert families.hidden_width(flux2) == F.TINY_FLUX2["hidden_size"]
+    assert families.pixels_per_latent(torch.zeros(1, 128, 4, 4)) == 16
+    assert families.pixels_per_latent(torch.zeros(1, 16, 8, 8)) == 8

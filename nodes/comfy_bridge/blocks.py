@@ -13,6 +13,7 @@ memory; blocks of any other family (Flux, Flux2, Chroma, unknown ones) keep the 
 import torch
 
 from ...dopsd_core.grad_checkpoint import CheckpointHandle, checkpoint_modules, wrap_forwards
+from . import families
 
 
 def top_level_blocks(model):
@@ -36,12 +37,7 @@ def snapshot_saved_activations(modules) -> CheckpointHandle:
     return wrap_forwards(modules, around)
 
 
-OUT_OF_PLACE_MODULES = ("comfy.ldm.lumina.",)
-
-
-def updates_in_place(block) -> bool:
-    """False for blocks known never to modify their inputs; True otherwise (the safe answer)."""
-    return not type(block).__module__.startswith(OUT_OF_PLACE_MODULES)
+updates_in_place = families.updates_in_place  # the family rule (families.OUT_OF_PLACE_MODULES)
 
 
 def guard_blocks(model, net, checkpointing: bool) -> CheckpointHandle:

@@ -16,25 +16,13 @@ import comfy.patcher_extension
 import torch
 
 from ...dopsd_core.lora import LoRANetwork
+from . import families
 
 INJECTION_KEY = "dopsd_lora"
 
-# Defaults follow the official D-OPSD LoRA targets (attention projections and MLPs of every block).
-DEFAULT_TARGETS = {
-    "lumina2": ["*attention.qkv", "*attention.out", "*feed_forward.w1", "*feed_forward.w2", "*feed_forward.w3"],
-    "flux": ["double_blocks.*.img_attn.qkv", "double_blocks.*.img_attn.proj", "double_blocks.*.txt_attn.qkv",
-             "double_blocks.*.txt_attn.proj", "double_blocks.*.img_mlp.*", "double_blocks.*.txt_mlp.*",
-             "single_blocks.*.linear1", "single_blocks.*.linear2"],
-}
-
-
 def default_targets(model) -> Sequence[str]:
-    image_model = (getattr(model.model.model_config, "unet_config", {}) or {}).get("image_model", "")
-    if image_model in ("lumina2",):
-        return DEFAULT_TARGETS["lumina2"]
-    if image_model in ("flux", "flux2", "chroma"):
-        return DEFAULT_TARGETS["flux"]
-    return ["*"]
+    """The official D-OPSD LoRA targets of the model's family (families.py)."""
+    return families.default_targets(model)
 
 
 def parse_targets(text: str, model) -> Sequence[str]:

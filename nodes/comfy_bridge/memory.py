@@ -15,27 +15,15 @@ The figure is analytic (bytes), computed from the model's config and the example
 import math
 
 import comfy.model_management
-import torch
 
 from .blocks import top_level_blocks
+from .families import hidden_width
 
 # Hidden-sized tensors a DiT block saves for backward, counted from Z-Image's / Flux's blocks: input and
 # two norm outputs, q, k, v, attention output, projection, MLP input, and the MLP's hidden (about 8 widths
 # for a gated 8/3 MLP). Rough by design: the figure sizes an eviction, it is not an allocator.
 ACTIVATIONS_PER_BLOCK = 16
 LORA_COPIES = 5
-
-
-def hidden_width(model) -> int:
-    """Width of the residual stream of the DiT (Z-Image `dim`, Flux `hidden_size`)."""
-    unet = getattr(model.model.model_config, "unet_config", {}) or {}
-    for key in ("dim", "hidden_size", "inner_dim"):
-        if unet.get(key):
-            return int(unet[key])
-    for module in model.model.diffusion_model.modules():
-        if isinstance(module, torch.nn.Linear):
-            return int(module.in_features)
-    return 0
 
 
 def tokens(model, latent_shape, cond_tokens: int) -> int:
