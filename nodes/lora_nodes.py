@@ -153,6 +153,10 @@ class DOPSDJobLoRA(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, **inputs):
+        return float("nan")  # the job's LoRA changes every step: never serve an old snapshot from the cache
+
+    @classmethod
     def execute(cls, model, job, strength, adapter) -> io.NodeOutput:
         j = jobs.get(job["job_id"])
         sd = j.lora_state_dict(adapter)
@@ -183,6 +187,10 @@ class DOPSDSaveLoRA(io.ComfyNode):
         except ValueError as e:
             return str(e)
         return True
+
+    @classmethod
+    def fingerprint_inputs(cls, **inputs):
+        return float("nan")  # save what the job holds now, on every queue (a cached path would be stale)
 
     @classmethod
     def execute(cls, job, filename, overwrite, also_peft) -> io.NodeOutput:

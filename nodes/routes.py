@@ -47,7 +47,7 @@ async def stop(request):
     if request.can_read_body:
         try:
             body = await request.json()
-        except (json.JSONDecodeError, ValueError):
+        except (ValueError, RecursionError):  # not JSON, or nested deeper than the parser goes
             return web.json_response({"error": "body must be JSON like {\"save\": true}"}, status=400)
         if not isinstance(body, dict) or not isinstance(body.get("save", True), bool):
             return web.json_response({"error": "body must be a JSON object with a boolean 'save'"}, status=400)

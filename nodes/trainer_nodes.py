@@ -1,7 +1,20 @@
-"""The D-OPSD trainer node (starts a background job and returns at once), waiting, and teacher preview."""
+"""The D-OPSD trainer node (starts a background job and returns at once), waiting, and teacher preview.
+
+Re-queue semantics of the trainer node (ComfyUI would otherwise serve its cached output, i.e. a job id that
+may have ended long ago): the node runs on every queue (`fingerprint_inputs` is NaN, ComfyUI's "always
+changed"). When the same graph, the same MODEL object and the same pairs object already drive an active job
+(a re-queue of an unchanged workflow while it trains), it returns that job, so the card shows the running
+job; otherwise it starts a new one. It never returns an ended job. A new job whose save_prefix is used by
+an active job or by a trainer in a queued prompt is refused (at validation where ComfyUI lets us see it).
+"""
+import hashlib
+import json
 import math
 import os
+import posixpath
+import time
 
+import comfy.model_management
 import comfy.samplers
 import folder_paths
 import torch
@@ -10,7 +23,7 @@ from comfy_api.latest import io
 from ..dopsd_core import schedules
 from ..dopsd_core.train import METHODS, PRECISIONS, TrainConfig
 from . import CATEGORY, jobs, routes, teacher_nodes
-from .comfy_bridge import lora_patch, model_checks, turns
+from .comfy_bridge import families, lora_patch, model_checks, turns
 from .paths import inside, resume_path
 from .schedule_nodes import flux2_sigmas
 from .teacher_nodes import Pairs
@@ -22,23 +35,115 @@ routes.register_with_server()
 def inference_sigmas(model, steps: int, schedule: str, latent: torch.Tensor) -> torch.Tensor:
     """The few-step schedule users sample with; training rolls out on (a subset of) the same sigmas."""
     if schedule == "auto":
-        schedule = "flux2" if model_checks.is_flux2(model) else "simple"
+        schedule = families.default_schedule(model)
     if schedule == "flux2":
-        scale = 16 if latent.shape[1] == 128 else 8
+        scale = families.pixels_per_latent(latent)
         return flux2_sigmas(steps, latent.shape[-1] * scale, latent.shape[-2] * scale).float().cpu()
     return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps).float().cpu()
 
 
+def normalise_save_prefix(save_prefix: str) -> str:
+    """One spelling per file name: './a//b' -> 'a/b', backslashes as '/', '' stays '' (keep in memory)."""
+    text = (save_prefix or "").strip().replace("\\", "/")
+    if not text:
+        return ""
+    norm = posixpath.normpath(text)
+    return "" if norm == "." else norm
+
+
 def check_save_prefix(save_prefix: str, overwrite: bool = False):
-    """The job writes loras/<save_prefix>_stepNNNNN.safetensors; refuse to clobber an earlier run's files."""
-    if not save_prefix.strip():
+    """The job writes loras/<save_prefix>_stepNNNNN.safetensors; refuse to clobber an earlier run's files.
+    Returns the normalised prefix."""
+    save_prefix = normalise_save_prefix(save_prefix)
+    if not save_prefix:
         return ""
     base = folder_paths.get_folder_paths("loras")[0]
     path = inside(base, save_prefix + "_step00000.safetensors", "save_prefix")
-    folder, stem = os.path.dirname(path), os.path.basename(save_prefix.strip())
+    folder, stem = os.path.dirname(path), os.path.basename(save_prefix)
     if not overwrite and os.path.isdir(folder) and any(f.startswith(stem + "_step") for f in os.listdir(folder)):
         raise ValueError(f"LoRAs named {save_prefix}_step* already exist in {base}: choose another save_prefix")
-    return save_prefix.strip()
+    return save_prefix
+
+
+def _queued_trainer_prefixes():
+    """(node id, prompt id, normalised save_prefix) of the trainers in ComfyUI's running and pending prompts."""
+    try:
+        from server import PromptServer
+        queue = PromptServer.instance.prompt_queue
+        read = getattr(queue, "get_current_queue_volatile", None) or queue.get_current_queue
+        running, pending = read()
+    except Exception:  # no server (in-process use)
+        return []
+    found = []
+    for item in list(running) + list(pending):
+        prompt = item[2] if len(item) > 2 and isinstance(item[2], dict) else {}
+        for node_id, node in prompt.items():
+            if not isinstance(node, dict) or node.get("class_type") != "DOPSDTrainer":
+                continue
+            prefix = (node.get("inputs") or {}).get("save_prefix")
+            if isinstance(prefix, str):
+                found.append((str(node_id), item[1], normalise_save_prefix(prefix)))
+    return found
+
+
+def prefix_users(save_prefix: str, node_id: str = ""):
+    """Who else writes `save_prefix`: descriptions of active jobs and queued trainers, other than node
+    `node_id` (the same node queued again shows its own job, see the module docstring)."""
+    if not save_prefix:
+        return [], False
+    users, own_job = [], False
+    for job in jobs.active_jobs():
+        if job.save_prefix == save_prefix:
+            if node_id and job.node_id == node_id:
+                own_job = True
+            else:
+                users.append(f"job {job.job_id} ({job.state}, node {job.node_id or '?'})")
+    for other_node, prompt_id, prefix in _queued_trainer_prefixes():
+        if prefix == save_prefix and other_node != node_id:
+            users.append(f"the trainer node {other_node} of queued prompt {prompt_id}")
+    return users, own_job
+
+
+def _clash_message(save_prefix, users):
+    return (f"save_prefix {save_prefix!r} is already used by {', '.join(users)}: two jobs would write the same "
+            "LoRA files. Choose another save_prefix, or stop that job first")
+
+
+def graph_signature(prompt, node_id):
+    """A hash of node `node_id` and everything upstream of it in an API-format prompt (None without one)."""
+    if not prompt or node_id is None or str(node_id) not in prompt:
+        return None
+    seen, stack = {}, [str(node_id)]
+    while stack:
+        current = stack.pop()
+        if current in seen or current not in prompt:
+            continue
+        node = prompt[current]
+        seen[current] = {"class_type": node.get("class_type"), "inputs": node.get("inputs")}
+        for value in (node.get("inputs") or {}).values():
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str):
+                stack.append(value[0])
+    return hashlib.sha256(json.dumps(seen, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def running_job_for(origin):
+    """The active job started from exactly this graph, MODEL and pairs, if any."""
+    if origin is None or origin[0] is None:
+        return None
+    for job in jobs.active_jobs():
+        o = job.origin
+        if o is not None and o[0] == origin[0] and o[1] is origin[1] and o[2] is origin[2]:
+            return job
+    return None
+
+
+def current_prompt_id() -> str:
+    """The prompt the worker is executing (ComfyUI sets it before execution; V3 has no hidden prompt_id)."""
+    try:
+        from server import PromptServer
+        return str(getattr(PromptServer.instance, "last_prompt_id", "") or "")
+    except Exception:
+        return ""
 
 
 class DOPSDTrainer(io.ComfyNode):
@@ -96,18 +201,29 @@ class DOPSDTrainer(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, **inputs):
+        return float("nan")  # run on every queue: a cached job id may belong to an ended job
+
+    @classmethod
     def validate_inputs(cls, save_prefix, train_steps, inference_steps, resume_from="", ema_decay=0.9999, alpha=16.0,
                         grad_clip=1.0, learning_rate=1e-4):
-        if inference_steps % train_steps:
+        if train_steps < 1 or inference_steps % train_steps:
             return (f"train_steps ({train_steps}) must divide inference_steps ({inference_steps}) so the rollout "
                     "stays on the sampler's schedule")
         for name, value in (("ema_decay", ema_decay), ("alpha", alpha), ("grad_clip", grad_clip),
                             ("learning_rate", learning_rate)):
             if not math.isfinite(float(value)):  # NaN passes ComfyUI's min/max checks (grad_clip NaN: no clipping)
                 return f"{name} is {value}: give a number"
+        node_id = str(getattr(cls.hidden, "unique_id", None) or "") if getattr(cls, "hidden", None) else ""
+        prefix = normalise_save_prefix(save_prefix)
+        users, own_job = prefix_users(prefix, node_id)
+        if users:
+            return _clash_message(prefix, users)
+        if own_job:  # this node's running job writes these files; a re-queue shows that job
+            return True
         try:
             resume_path(resume_from)
-            check_save_prefix(save_prefix, overwrite=bool(resume_from))  # a resumed job keeps its save_prefix
+            check_save_prefix(prefix, overwrite=bool(resume_from))  # a resumed job keeps its save_prefix
         except ValueError as e:
             return str(e)
         return True
@@ -117,12 +233,23 @@ class DOPSDTrainer(io.ComfyNode):
                 learning_rate, ema_decay, ema_warmup, detach_states, precision, grad_accum, grad_clip,
                 gradient_checkpointing, seed, save_prefix, save_every, preview_every, targets, vae=None,
                 resume_from="") -> io.NodeOutput:
+        node_id = str(getattr(cls.hidden, "unique_id", None) or "") if getattr(cls, "hidden", None) else ""
+        prompt = getattr(cls.hidden, "prompt", None) if getattr(cls, "hidden", None) else None
+        origin = (graph_signature(prompt, node_id), model, pairs)
+        running = running_job_for(origin)
+        if running is not None:  # the unchanged workflow queued again while its job trains: show that job
+            return io.NodeOutput({"job_id": running.job_id}, ui={"dopsd_job": [running.job_id]})
         model_checks.require_flow_model(model)
         if not pairs:
             raise ValueError("no training pairs: the dataset is empty")
         for p in pairs:
             model_checks.require_condition_width(p.student, model, "student")
             model_checks.require_condition_width(p.teacher, model, "teacher")
+        save_prefix = normalise_save_prefix(save_prefix)
+        users = [f"job {j.job_id} ({j.state}, node {j.node_id or '?'})" for j in jobs.active_jobs()
+                 if save_prefix and j.save_prefix == save_prefix]
+        if users:
+            raise ValueError(_clash_message(save_prefix, users))
         teacher_nodes.require_visible_teacher(model, pairs)
         resume_from = resume_path(resume_from)
         save_prefix = check_save_prefix(save_prefix, overwrite=bool(resume_from))
@@ -135,10 +262,10 @@ class DOPSDTrainer(io.ComfyNode):
         with torch.inference_mode(False):  # the executor runs nodes in inference mode; LoRA weights must train
             net = lora_patch.build_network(clone, rank, alpha, targets, 0.0, ema_decay, ema_warmup, seed)
         base_name = type(getattr(model.model, "model_config", model.model)).__name__
-        job = jobs.Job(clone, net, pairs, cfg, node_id=str(getattr(cls.hidden, "unique_id", None) or ""), vae=vae,
+        job = jobs.Job(clone, net, pairs, cfg, node_id=node_id, prompt_id=current_prompt_id(), vae=vae,
                        inference_sigmas=infer, preview_every=preview_every, save_prefix=save_prefix,
                        base_model_name=base_name, resume_from=resume_from or "",
-                       gradient_checkpointing=gradient_checkpointing)
+                       gradient_checkpointing=gradient_checkpointing, origin=origin)
         job.start()
         return io.NodeOutput({"job_id": job.job_id}, ui={"dopsd_job": [job.job_id]})
 
@@ -149,17 +276,26 @@ class DOPSDWaitForJob(io.ComfyNode):
         return io.Schema(
             node_id="DOPSDWaitForJob", display_name="D-OPSD Wait For Job", category=CATEGORY,
             description="Waits until the job finishes or stops (training runs meanwhile), so one workflow can "
-                        "train and then preview the LoRA. Raises if the job failed.",
+                        "train and then preview the LoRA. Raises if the job failed. Cancel ends the wait (the "
+                        "prompt is interrupted) and leaves the job training.",
             inputs=[Job.Input("job"), io.Int.Input("timeout_s", default=0, min=0, max=10 ** 7,
                                                     tooltip="0: wait as long as it takes.")],
             outputs=[Job.Output(display_name="job")],
         )
 
     @classmethod
+    def fingerprint_inputs(cls, **inputs):
+        return float("nan")  # a cached "finished" must not stand for another run of the job
+
+    @classmethod
     def execute(cls, job, timeout_s) -> io.NodeOutput:
         j = jobs.get(job["job_id"])
+        deadline = time.monotonic() + timeout_s if timeout_s else None
         with turns.TURN.worker_yield():
-            finished = j.wait(timeout_s or None)
+            finished = j.wait(0)
+            while not finished and (deadline is None or time.monotonic() < deadline):
+                comfy.model_management.throw_exception_if_processing_interrupted()  # Cancel: ComfyUI's interruption
+                finished = j.wait(0.1 if deadline is None else max(0.0, min(0.1, deadline - time.monotonic())))
         if not finished:
             raise TimeoutError(f"job {j.job_id} still {j.state} after {timeout_s} s")
         if j.state == "error":

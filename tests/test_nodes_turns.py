@@ -64,10 +64,9 @@ def test_prompt_during_training_equals_prompt_without_job_and_training_resumes(N
     results = {}
 
     def worker():  # ComfyUI's prompt_worker loop, reduced to the calls it makes
-        fake.get(timeout=0.01)                   # releases the turn of the prompt that started the job
-        end = time.time() + 30                   # the job trains meanwhile
+        end = time.time() + 30                   # empty waits (each releases the turn; the job trains meanwhile)
         while job.step < 1 and time.time() < end:
-            time.sleep(0.05)
+            fake.get(timeout=0.05)
         fake.put("prompt-2")
         item = fake.get(timeout=5)               # acquires the turn: the job parks at a step boundary
         steps_before = job.step
@@ -75,11 +74,12 @@ def test_prompt_during_training_equals_prompt_without_job_and_training_resumes(N
         time.sleep(0.3)
         results["parked"] = job.step == steps_before
         results["item"] = item
-        fake.get(timeout=0.01)                   # next get: turn released
+        fake.get(timeout=0.01)                   # next get: turn released (and taken again when it returns)
 
     t = threading.Thread(target=worker)
     t.start()
     t.join(30)
+    turn.worker_release()                        # the worker's next get, had the loop gone on
     assert results["item"] == "prompt-2" and results["parked"], "training must pause while a prompt runs"
     assert torch.equal(results["during"], reference), "a prompt's output must not change while a job trains"
     steps = job.step

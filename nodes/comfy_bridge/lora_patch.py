@@ -16,25 +16,13 @@ import comfy.patcher_extension
 import torch
 
 from ...dopsd_core.lora import LoRANetwork
+from . import families
 
 INJECTION_KEY = "dopsd_lora"
 
-# Defaults follow the official D-OPSD LoRA targets (attention projections and MLPs of every block).
-DEFAULT_TARGETS = {
-    "lumina2": ["*attention.qkv", "*attention.out", "*feed_forward.w1", "*feed_forward.w2", "*feed_forward.w3"],
-    "flux": ["double_blocks.*.img_attn.qkv", "double_blocks.*.img_attn.proj", "double_blocks.*.txt_attn.qkv",
-             "double_blocks.*.txt_attn.proj", "double_blocks.*.img_mlp.*", "double_blocks.*.txt_mlp.*",
-             "single_blocks.*.linear1", "single_blocks.*.linear2"],
-}
-
-
 def default_targets(model) -> Sequence[str]:
-    image_model = (getattr(model.model.model_config, "unet_config", {}) or {}).get("image_model", "")
-    if image_model in ("lumina2",):
-        return DEFAULT_TARGETS["lumina2"]
-    if image_model in ("flux", "flux2", "chroma"):
-        return DEFAULT_TARGETS["flux"]
-    return ["*"]
+    """The official D-OPSD LoRA targets of the model's family (families.py)."""
+    return families.default_targets(model)
 
 
 def parse_targets(text: str, model) -> Sequence[str]:
@@ -81,15 +69,26 @@ def _restore(swapped):
             table[name] = original
 
 
-def install(model, net: LoRANetwork):
+class Attachment:
+    """Where the job's LoRA is: `injected` now, and how many times ComfyUI ejected it (unload, another
+    clone loaded). A step compares `ejections` before and after to know whether it ran without its LoRA."""
+
+    def __init__(self):
+        self.injected = False
+        self.ejections = 0
+
+
+def install(model, net: LoRANetwork) -> Attachment:
     """Register the injection on `model` (a clone owned by the training job)."""
     state = {"handle": None, "swapped": []}
+    attachment = Attachment()
 
     def inject(patcher):
         root = patcher.model.diffusion_model
         net.to(patcher.load_device)
         state["swapped"] = _alias_inference_tensors(root)
         state["handle"] = net.attach(root)
+        attachment.injected = True
 
     def eject(patcher):
         if state["handle"] is not None:
@@ -97,8 +96,12 @@ def install(model, net: LoRANetwork):
             state["handle"] = None
         _restore(state["swapped"])
         state["swapped"] = []
+        if attachment.injected:
+            attachment.ejections += 1
+        attachment.injected = False
 
     model.set_injections(INJECTION_KEY, [comfy.patcher_extension.PatcherInjection(inject=inject, eject=eject)])
+    return attachment
 
 
 def uninstall(model):

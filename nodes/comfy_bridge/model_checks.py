@@ -1,6 +1,8 @@
 """Checks that turn a wrong graph into an error that names the fix, before any training starts."""
 import comfy.model_sampling
-import comfy.supported_models
+import comfy.supported_models  # noqa: F401  (kept for callers that patch it)
+
+from . import families
 
 FLOW_HELP = ("D-OPSD trains flow-matching few-step models (Z-Image-Turbo, FLUX.2-klein, SD3, Qwen-Image, ...). "
              "Load one of those, or a ModelSamplingAuraFlow/SD3-patched flow model")
@@ -16,7 +18,7 @@ def require_flow_model(model):
 
 
 def is_flux2(model) -> bool:
-    return isinstance(getattr(model.model, "model_config", None), comfy.supported_models.Flux2)
+    return families.is_flux2(model)
 
 
 def context_width(model):

@@ -2,15 +2,21 @@
 
 ComfyUI has no lock around model loading; a prompt that loads a clone of the model a job trains would
 re-patch the very modules the job is using. So they take turns, at step granularity:
-- the prompt worker holds the turn from the moment `PromptQueue.get` hands it a prompt until it asks
-  for the next one (execution, task_done, and the worker's own unload/gc all happen inside the turn);
+- the prompt worker holds the turn from the moment `PromptQueue.get` returns until it asks again: with a
+  prompt (execution, task_done) and without one, since after an empty wait the worker handles `/free`
+  (unload_models, free_memory) and collects garbage, which unloads the model a step may be using;
 - a training step runs only while the worker does not hold or want the turn; the worker waits for the
   step in flight to finish before it executes its prompt.
 The worker side is installed by wrapping the queue's `get` (the one call the worker loop makes between
 prompts); a node that must wait for a job inside a prompt can hand the turn over with `worker_yield()`.
+
+A prompt may wait here for the step in flight. If the user cancels it meanwhile, ComfyUI's executor would
+clear that Cancel when the prompt starts; the wrapper keeps it for the prompt (interrupts.py).
 """
 import contextlib
 import threading
+
+from . import interrupts
 
 
 class ModelTurn:
@@ -86,7 +92,10 @@ def install_on_queue(queue, turn: ModelTurn = TURN, currently_in_prompt: bool = 
             turn.worker_release()
         item = original_get(*args, **kwargs)
         if item is not None:
-            turn.worker_acquire()
+            interrupts.clear_stale()   # what the executor does first: a Cancel from before this prompt
+        turn.worker_acquire()          # also without a prompt: the worker may unload models next (/free)
+        if item is not None and interrupts.flag_is_set():
+            interrupts.keep_for_next_prompt()   # the user cancelled this prompt while it waited for the step
         return item
 
     queue.get = get
