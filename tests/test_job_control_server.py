@@ -45,7 +45,9 @@ def train_graph(family, trainer_id="13", **settings):
         "11": {"class_type": "DOPSDDatasetFromImages", "inputs": {
             "images": ["10", 0], "captions": "a photo of a [trigger] cat", "trigger": "sks", "resolution": 64}},
         "12": {"class_type": "DOPSDTeacherReferenceLatent", "inputs": {
-            "dataset": ["11", 0], "clip": ["2", 0], "vae": ["3", 0], "teacher_prompt_prefix": ""}},
+            # a prefix, so the teacher differs from the student also where the model ignores reference latents
+            # (Z-Image on 0.3.75), which the trainer refuses otherwise
+            "dataset": ["11", 0], "clip": ["2", 0], "vae": ["3", 0], "teacher_prompt_prefix": "as in the image:"}},
         trainer_id: {"class_type": "DOPSDTrainer", "inputs": trainer},
     }
 
