@@ -160,8 +160,10 @@ class DistributedTrainer(Trainer):
         super().__init__(net, task, dataclasses.replace(cfg, batch_size=1), checkpoint_dir=checkpoint_dir, **hooks)
         self.cfg, self.env, self.example_shape = cfg, env, example_shape
         self.per_rank = cfg.batch_size // env.world_size
+        self.sharded = bool(getattr(net, "sharded", False))  # FSDP2 full fine-tuning (full_finetune.FullWeights)
         buckets = [task.bucket(i) if hasattr(task, "bucket") else tuple(example_shape(i)) for i in range(len(task))]
-        self.order = BatchOrder(buckets, cfg.batch_size, cfg.seed)
+        # sharded ranks must run the same number of forwards/backwards (FSDP collectives): only full batches
+        self.order = BatchOrder(buckets, cfg.batch_size, cfg.seed, drop_last=self.sharded)
         self.run_id = broadcast_str(env, self.run_id, "the run id broadcast")
         self._stand_in = torch.zeros((), requires_grad=True)
 
@@ -198,6 +200,8 @@ class DistributedTrainer(Trainer):
         """grad_accum micro-steps of the global batch, one all-reduce, then the same update on every rank."""
         self.optimizer.zero_grad(set_to_none=True)
         accumulated = [torch.zeros_like(p) for p in self.params]
+        # FSDP already averaged each backward over ranks (reduce-scatter / world); plain grads are per rank
+        reduced_by = self.env.world_size if self.sharded else 1
         local_loss = 0.0
         for _ in range(self.cfg.grad_accum):
             batch = self.order.next()
@@ -205,19 +209,25 @@ class DistributedTrainer(Trainer):
             local_loss += loss_sum / (len(batch) * self.cfg.grad_accum)
             for acc, p in zip(accumulated, self.params):
                 if p.grad is not None:
-                    acc.add_(p.grad, alpha=1.0 / len(batch))
+                    acc.add_(p.grad, alpha=reduced_by / len(batch))
                     p.grad = None
         device = _comm_device(self.env)
-        flat = torch.cat([a.reshape(-1).float() for a in accumulated] + [torch.tensor([local_loss])]).to(device)
-        all_reduce_sum(self.env, flat, "the gradient all-reduce")
-        flat = flat.cpu() if device.type != "cpu" else flat
-        loss, offset = float(flat[-1]), 0
-        for p, acc in zip(self.params, accumulated):
-            n = acc.numel()
-            p.grad = flat[offset:offset + n].view_as(acc).to(p.dtype).to(p.device)
-            offset += n
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip if self.cfg.grad_clip > 0
-                                                    else float("inf")))
+        if self.sharded:
+            flat = all_reduce_sum(self.env, torch.tensor([local_loss], device=device), "the loss all-reduce")
+            for p, acc in zip(self.params, accumulated):
+                p.grad = acc
+        else:
+            flat = torch.cat([a.reshape(-1).float() for a in accumulated] + [torch.tensor([local_loss])]).to(device)
+            all_reduce_sum(self.env, flat, "the gradient all-reduce")
+            offset = 0
+            for p, acc in zip(self.params, accumulated):
+                n = acc.numel()
+                p.grad = flat[offset:offset + n].view_as(acc).to(p.dtype).to(p.device)
+                offset += n
+        loss = float(flat[-1].cpu())
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip if self.cfg.grad_clip > 0
+                                              else float("inf"))
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         if not math.isfinite(loss) or not math.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
             what = f"the loss became {loss}" if not math.isfinite(loss) else f"a gradient became {norm}"
@@ -234,10 +244,27 @@ class DistributedTrainer(Trainer):
         return loss
 
     def _save(self):
-        super()._save()  # rank 0 only has a CheckpointManager and on_checkpoint
+        if self.sharded:  # gathering full tensors is a collective: every rank builds the state, rank 0 writes it
+            state = self.state_dict()
+            self.state_dict = lambda: state
+            try:
+                super()._save()
+            finally:
+                del self.state_dict
+        else:
+            super()._save()  # rank 0 only has a CheckpointManager and on_checkpoint
         barrier(self.env, "the checkpoint barrier")
 
     def state_dict(self):
         state = super().state_dict()
+        if self.sharded:
+            state["optimizer"] = self.net.full_optimizer_state(self.optimizer)
         state["world_size"] = self.env.world_size  # informational: resume works on any world size
         return state
+
+    def load_state_dict(self, state):
+        if not self.sharded:
+            return super().load_state_dict(state)
+        full_optimizer = state["optimizer"]
+        super().load_state_dict(dict(state, optimizer=self.optimizer.state_dict()))
+        self.net.load_full_optimizer_state(self.optimizer, full_optimizer)

@@ -134,9 +134,13 @@ def main(argv=None) -> int:
     if os.path.exists(out) and not args.overwrite:
         raise SystemExit(f"{out} exists: choose another --out or pass --overwrite")
 
-    data = exported_set.ExportedSet(args.data)
-    model = load_model(args.model, args.weight_dtype)
-    exported_set.check_family(data.manifest, export_nodes.model_family(model))
+    try:
+        data = exported_set.ExportedSet(args.data)
+        model = load_model(args.model, args.weight_dtype)
+        exported_set.check_family(data.manifest, export_nodes.model_family(model))
+    except exported_set.ExportedSetError as e:
+        print(f"rank {env.rank}: {args.data}: {e}", file=sys.stderr, flush=True)
+        return 1
     recipe, schedule = data.recipe, data.schedule
     pick = lambda value, key: recipe[key] if value is None else value  # noqa: E731
     method, loss_space = pick(args.method, "method"), pick(args.loss_space, "loss_space")

@@ -83,6 +83,7 @@ def test_killed_rank_ends_the_other_within_bound_and_checkpoint_survives(core, w
     finally:
         _kill_all(procs)
     err = D.read(procs[0][2])
+    print(f"surviving rank exited {elapsed:.2f} s after the kill")
     assert rc == 1 and elapsed < BOUND_S, (rc, elapsed)
     assert "RankFailure" in err and "another rank died or stopped answering" in err and "resume" in err, err[-2000:]
     assert not out.exists()  # no final LoRA from a broken run

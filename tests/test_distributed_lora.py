@@ -173,3 +173,24 @@ def test_exported_set_errors_name_the_fix(exported, tmp_path):
         exported_set.ExportedSet(corrupt)
     with pytest.raises(exported_set.ExportedSetError, match="not an exported D-OPSD training set"):
         exported_set.ExportedSet(tmp_path)
+
+
+def test_export_node_is_registered_and_validates_names(N, pack, exported, output_dir):
+    node = N.export_nodes.DOPSDExportTrainingSet
+    assert pack.NODE_CLASS_MAPPINGS["DOPSDExportTrainingSet"] is node
+    assert "escapes" in node.validate_inputs("../../evil", 4, 4)
+    assert "absolute" in node.validate_inputs("/tmp/evil", 4, 4)
+    assert "already exists" in node.validate_inputs("tiny_set", 4, 4)
+    assert node.validate_inputs("tiny_set", 4, 4, overwrite=True) is True
+    assert "must divide" in node.validate_inputs("new_set", 3, 4)
+    assert os.path.dirname(exported) == str(output_dir / "dopsd_sets")
+
+
+def test_launcher_refuses_a_set_for_another_family(work, exported):
+    sd = F.diffusion_state_dict("ZImage", F.TINY_ZIMAGE, seed=0)
+    zimage = F.save_diffusion_model(work / "tiny_zimage.safetensors", "ZImage", F.TINY_ZIMAGE, sd)
+    procs = D.start_ranks(1, D.launcher_args(zimage, exported, work / "wrong" / "l.safetensors", steps=1),
+                          work / "wronglog")
+    assert D.wait_ranks(procs, 120) == [1]
+    err = D.read(procs[0][2])
+    assert "exported for another model family" in err and "model_class: set 'Flux2' vs model 'ZImage'" in err
