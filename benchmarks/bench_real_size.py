@@ -107,7 +107,15 @@ def build_model(name: str, tiny: bool, weight_dtype, seed: int = 0):
             else:
                 value = torch.randn(p.shape, generator=gen, device=device) * fan_in ** -0.5
             p.copy_(value.to(p.dtype))
-    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device()), cls, cfg
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=mm.unet_offload_device())
+    if hasattr(patcher, "cached_patcher_init"):
+        # newer ComfyUI (TrainLoraNode's clone(force_deepcopy=True)) rebuilds a model through its loader's factory
+        patcher.cached_patcher_init = (_rebuild, (name, tiny, weight_dtype, seed))
+    return patcher, cls, cfg
+
+
+def _rebuild(name, tiny, weight_dtype, seed, disable_dynamic=False):
+    return build_model(name, tiny, weight_dtype, seed)[0]
 
 
 def synthetic_pairs(cls: str, cfg: dict, resolution: int, n: int, seed: int = 0):

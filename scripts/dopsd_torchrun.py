@@ -32,6 +32,10 @@ def parse_args(argv=None):
     p.add_argument("--out", required=True, help="the LoRA file to write (.safetensors, ComfyUI format)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument("--peft", action="store_true", help="also write a PEFT adapter folder next to --out")
+    p.add_argument("--full", action="store_true",
+                   help="full fine-tuning (FSDP2 over the ranks): --out is a diffusion model file for UNETLoader")
+    p.add_argument("--save-weights", choices=["student", "ema"], default="student",
+                   help="full fine-tuning: write the trained weights or their EMA (the teacher)")
     p.add_argument("--steps", type=int, default=500)
     p.add_argument("--global-batch", type=int, default=0,
                    help="examples per micro-step over all ranks (default: the number of ranks)")
@@ -110,6 +114,57 @@ def load_model(path: str, weight_dtype: str):
     return comfy.sd.load_diffusion_model(path, model_options=options)
 
 
+# -- full fine-tuning ---------------------------------------------------------------------------------------
+def full_weights(model, env, ema_decay):
+    """Every diffusion-model weight trains; with several ranks the top-level blocks (and the rest at the root)
+    are sharded with FSDP2 on this rank's device."""
+    import torch
+    from comfyui_dopsd.dopsd_core import full_finetune
+    from comfyui_dopsd.nodes.comfy_bridge import blocks
+    root = model.model.diffusion_model
+    root.to(model.load_device)
+    for p in root.parameters():
+        p.requires_grad_(True)
+    if env.world_size > 1:
+        from torch.distributed.device_mesh import init_device_mesh
+        device_type = torch.device(model.load_device).type
+        full_finetune.shard_blocks(root, blocks.top_level_blocks(model),
+                                   init_device_mesh(device_type, (env.world_size,)))
+    return full_finetune.FullWeights(root, ema_decay=ema_decay)
+
+
+def save_full_model(model, net, env, args, target, meta):
+    """Rank 0 writes the whole diffusion model (gathered from the shards) as UNETLoader reads it: the base
+    file's keys, dtypes and header metadata, plus dopsd.* metadata. Atomic; the base file is only read."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    from comfyui_dopsd.dopsd_core.checkpoint import atomic_write
+    root = model.model.diffusion_model
+    with contextlib.ExitStack() as stack:
+        if args.save_weights == "ema":
+            stack.enter_context(net.mode("teacher"))
+        if net.sharded:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            sd = get_model_state_dict(root, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        else:
+            sd = {k: v.detach().to("cpu").clone() for k, v in root.state_dict().items()}
+    if not env.is_main:
+        return
+    with safe_open(args.model, framework="pt") as f:
+        base_keys, base_meta = set(f.keys()), dict(f.metadata() or {})
+        dtypes = {k: f.get_slice(k).get_dtype() for k in base_keys}
+    missing = sorted(base_keys - set(sd))
+    if missing:
+        raise RuntimeError(f"the trained model lacks {len(missing)} keys of {args.model} (e.g. {missing[:3]}); "
+                           "this model's file layout is not supported for full fine-tuning yet")
+    names = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F8_E4M3": torch.float8_e4m3fn}
+    out = {k: sd[k].to(names.get(dtypes[k], sd[k].dtype)).contiguous() for k in sorted(base_keys)}
+    header = dict(base_meta, **meta, **{"dopsd.weights": args.save_weights})
+    atomic_write(target, lambda tmp: save_file(out, tmp, metadata=header), overwrite=args.overwrite)
+    print(f"wrote the fine-tuned diffusion model {target}", flush=True)
+
+
 # -- the run ------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -154,8 +209,11 @@ def main(argv=None) -> int:
                       precision=args.precision, grad_accum=args.grad_accum, grad_clip=args.grad_clip, seed=args.seed,
                       save_every=args.save_every, keep_checkpoints=3)
     clone = model.clone()
-    net = lora_patch.build_network(clone, rank, alpha, targets, 0.0, ema_decay, False, args.seed)
-    lora_patch.install(clone, net)
+    if args.full:
+        net = full_weights(clone, env, ema_decay)
+    else:
+        net = lora_patch.build_network(clone, rank, alpha, targets, 0.0, ema_decay, False, args.seed)
+        lora_patch.install(clone, net)
     task = jobs.ComfyTask(clone, net, pairs, args.seed)
 
     @contextlib.contextmanager
@@ -178,8 +236,10 @@ def main(argv=None) -> int:
     trainer = distributed.DistributedTrainer(net, task, cfg, env, example_shape=lambda i: pairs[i].latent.shape,
                                              checkpoint_dir=ckpt_dir, control=control, on_progress=on_progress,
                                              step_context=step_context)
+    what = (("full fine-tuning, FSDP2-sharded" if net.sharded else "full fine-tuning") if args.full
+            else f"{len(net.loras)} LoRA modules (rank {rank})")
     log(f"D-OPSD {method} on {env.world_size} rank(s), global batch {cfg.batch_size}, {len(pairs)} pairs, "
-        f"{len(net.loras)} LoRA modules (rank {rank}); checkpoints in {ckpt_dir}", flush=True)
+        f"{what}; checkpoints in {ckpt_dir}", flush=True)
     try:
         if args.resume:
             trainer.resume(args.resume)
@@ -190,19 +250,22 @@ def main(argv=None) -> int:
         print(f"rank {env.rank}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
-        lora_patch.uninstall(clone)
-    if env.is_main:
-        meta = lora_io.lora_metadata(method, type(model.model.model_config).__name__, rank, alpha, trainer.step,
-                                     cfg.to_dict(), source="dopsd_torchrun", world_size=env.world_size,
-                                     exported_set=data.manifest["checksum"])
-        target = out if not result.stopped else out[:-len(".safetensors")] + f"_step{trainer.step:05d}.safetensors"
+        if not args.full:
+            lora_patch.uninstall(clone)
+    meta = lora_io.lora_metadata(method, type(model.model.model_config).__name__, rank, alpha, trainer.step,
+                                 cfg.to_dict(), source="dopsd_torchrun", world_size=env.world_size,
+                                 exported_set=data.manifest["checksum"])
+    target = out if not result.stopped else out[:-len(".safetensors")] + f"_step{trainer.step:05d}.safetensors"
+    if args.full:
+        save_full_model(clone, net, env, args, target, meta)
+    elif env.is_main:
         sd = net.comfy_state_dict()
         lora_io.save_comfy_lora(target, sd, meta, overwrite=args.overwrite)
         if args.peft:
             lora_io.save_peft_adapter(target[:-len(".safetensors")] + "_peft", sd, overwrite=args.overwrite,
                                       metadata=meta)
-        log(f"{'stopped' if result.stopped else 'finished'} at step {trainer.step}: wrote {target} "
-            f"(checkpoint {result.checkpoint})", flush=True)
+    log(f"{'stopped' if result.stopped else 'finished'} at step {trainer.step}: wrote {target} "
+        f"(checkpoint {result.checkpoint})", flush=True)
     distributed.barrier(env, "the final barrier")
     distributed.shutdown(env)
     return 130 if result.stopped else 0
