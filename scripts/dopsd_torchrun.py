@@ -8,7 +8,8 @@
 ComfyUI is used as a library (no server): its loader builds the diffusion model from the file, and every
 prediction runs through the same ComfyUI sampling path and the same pack code as the trainer node
 (nodes/jobs.ComfyTask, lora_patch, blocks), so a 1-process run equals the node's run step for step.
-The data-parallel mechanics are dopsd_core.distributed; docs/scaling.md has the whole picture.
+The data-parallel mechanics are dopsd_core.distributed; `--full` fine-tunes every weight instead (FSDP2,
+dopsd_core.full_finetune) and writes a diffusion-model file for UNETLoader. docs/scaling.md has the whole picture.
 Plain `python scripts/dopsd_torchrun.py ...` runs one process.
 """
 import argparse
