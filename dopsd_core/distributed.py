@@ -217,7 +217,8 @@ class DistributedTrainer(Trainer):
             for p, acc in zip(self.params, accumulated):
                 p.grad = acc
         else:
-            flat = torch.cat([a.reshape(-1).float() for a in accumulated] + [torch.tensor([local_loss])]).to(device)
+            loss_t = torch.tensor([local_loss], device=accumulated[0].device)  # grads may live on a GPU
+            flat = torch.cat([a.reshape(-1).float() for a in accumulated] + [loss_t]).to(device)
             all_reduce_sum(self.env, flat, "the gradient all-reduce")
             offset = 0
             for p, acc in zip(self.params, accumulated):
