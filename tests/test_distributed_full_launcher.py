@@ -1,6 +1,7 @@
 """Full fine-tuning through the torchrun launcher on a tiny real Z-Image (ComfyUI classes, 2 gloo ranks, FSDP2):
-2 ranks x batch 1 == 1 rank x batch 2 (atol 1e-5 + rtol 1e-4, float32 reduction order), the base file is
-untouched, and the written diffusion model loads in UNETLoader in a real server and samples."""
+2 ranks x batch 1 == 1 rank x batch 2 (atol 1e-5 + rtol 1e-4, float32 reduction order), gradient checkpointing
+under FSDP2 gives the same weights, the base file is untouched, and the written diffusion model loads in UNETLoader
+in a real server and samples."""
 import hashlib
 import shutil
 
@@ -45,11 +46,14 @@ def runs(comfy_server, zimage_set, tmp_path_factory):
     assert "full fine-tuning, FSDP2-sharded" in logs[0]
     D.run_ranks(1, D.launcher_args(base, zimage_set, out1, full=True, steps=STEPS, global_batch=2, save_every=0),
                 tmp / "log1")
-    return base, before, out2, out1
+    outgc = tmp / "gc" / "full_gc.safetensors"
+    D.run_ranks(2, D.launcher_args(base, zimage_set, outgc, full=True, steps=STEPS, save_every=0,
+                                   gradient_checkpointing=True), tmp / "loggc")
+    return base, before, out2, out1, outgc
 
 
 def test_full_finetune_two_ranks_equal_one_rank_batch2_and_base_untouched(runs):
-    base, before, out2, out1 = runs
+    base, before, out2, out1, outgc = runs
     assert _sha(base) == before
     a, b, orig = (safetensors.torch.load_file(str(p)) for p in (out2, out1, base))
     assert set(a) == set(b) == set(orig)
@@ -57,10 +61,13 @@ def test_full_finetune_two_ranks_equal_one_rank_batch2_and_base_untouched(runs):
         assert a[k].dtype == orig[k].dtype
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-4, msg=k)
     assert any(not torch.equal(a[k], orig[k]) for k in a)  # it trained
+    gc = safetensors.torch.load_file(str(outgc))  # blocks recomputed in backward under FSDP2: same result
+    for k in a:
+        torch.testing.assert_close(gc[k], a[k], atol=1e-6, rtol=1e-5, msg=k)
 
 
 def test_full_finetune_output_loads_in_unetloader_and_samples(runs, comfy_server):
-    _, _, out2, _ = runs
+    out2 = runs[2]
     name = "dopsd_full_test.safetensors"
     shutil.copy(out2, comfy_server.base_dir / "models" / "diffusion_models" / name)
 
