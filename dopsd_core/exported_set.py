@@ -19,7 +19,9 @@ import json
 import os
 import shutil
 import tempfile
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from collections import OrderedDict
+from collections.abc import Sequence as SequenceABC
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from safetensors import safe_open
@@ -31,6 +33,7 @@ MANIFEST = "manifest.json"
 SHARD = "shard-{index:05d}.safetensors"
 _TENSOR = "__tensor__"
 _TUPLE = "__tuple__"
+CACHED_SHARDS = 2   # shards kept in memory while reading pairs in random order
 
 
 class ExportedSetError(ValueError):
@@ -115,6 +118,7 @@ def write_set(folder: str, pairs: Iterable[dict], family: Dict[str, Any], schedu
         if count == 0:
             raise ExportedSetError("the training set is empty: nothing to export")
         manifest = {"format": FORMAT, "version": VERSION, "pairs": count, "family": dict(family),
+                    "latent_shapes": [shape for s in shards for shape in s.pop("latent_shapes")],
                     "schedule": dict(schedule), "recipe": dict(recipe), "shards": shards,
                     "checksum": hashlib.sha256("".join(s["sha256"] for s in shards).encode()).hexdigest()}
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:
@@ -145,7 +149,8 @@ def _write_shard(folder: str, index: int, first: int, pairs: Sequence[dict]) -> 
     path = os.path.join(folder, name)
     save_file(tensors, path, metadata={"dopsd.pairs": json.dumps(entries), "dopsd.first": str(first)})
     return {"file": name, "first": first, "count": len(pairs), "sha256": _sha256(path),
-            "bytes": os.path.getsize(path)}
+            "bytes": os.path.getsize(path),
+            "latent_shapes": [list(tensors[f"{first + i}/latent"].shape) for i in range(len(pairs))]}
 
 
 # -- reading --------------------------------------------------------------------------------------------
@@ -180,7 +185,8 @@ def check_family(manifest: dict, family: Dict[str, Any]) -> None:
 
 class ExportedSet:
     """Read-only access to an exported set. Every shard is checked (presence, size, SHA-256) on open,
-    unless verify=False; pairs are read lazily, one shard at a time."""
+    unless verify=False; pairs are read lazily (the last CACHED_SHARDS shards stay in memory), so a rank
+    holds a few shards, not the whole set."""
 
     def __init__(self, folder: str, verify: bool = True, family: Optional[Dict[str, Any]] = None):
         self.folder = os.path.abspath(folder)
@@ -188,7 +194,7 @@ class ExportedSet:
         if family:
             check_family(self.manifest, family)
         self.shards: List[dict] = list(self.manifest["shards"])
-        self._cache_index, self._cache = None, None
+        self._cache: "OrderedDict[int, tuple]" = OrderedDict()   # the last few shards read
         self._check_files(verify)
 
     def _check_files(self, verify: bool):
@@ -228,15 +234,25 @@ class ExportedSet:
         raise IndexError(f"pair {index} is out of range: the set has {len(self)} pairs")
 
     def _load_shard(self, i: int):
-        if self._cache_index != i:
-            path = os.path.join(self.folder, self.shards[i]["file"])
-            with safe_open(path, framework="pt") as f:
-                entries = json.loads((f.metadata() or {})["dopsd.pairs"])
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            self._cache_index, self._cache = i, (entries, tensors)
-        return self._cache
+        if i in self._cache:
+            self._cache.move_to_end(i)
+            return self._cache[i]
+        path = os.path.join(self.folder, self.shards[i]["file"])
+        with safe_open(path, framework="pt") as f:
+            entries = json.loads((f.metadata() or {})["dopsd.pairs"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        self._cache[i] = (entries, tensors)
+        while len(self._cache) > CACHED_SHARDS:
+            self._cache.popitem(last=False)
+        return self._cache[i]
 
     def latent_shape(self, index: int) -> torch.Size:
+        """From the manifest (no shard is read), so ranks can order and batch a large set cheaply."""
+        shapes = self.manifest.get("latent_shapes")
+        if shapes is not None:
+            if not 0 <= index < len(shapes):
+                raise IndexError(f"pair {index} is out of range: the set has {len(self)} pairs")
+            return torch.Size(shapes[index])
         entries, tensors = self._load_shard(self._shard_of(index))
         return tensors[f"{index}/latent"].shape
 
@@ -251,3 +267,18 @@ class ExportedSet:
 
     def pairs(self) -> List[dict]:
         return [self.pair(i) for i in range(len(self))]
+
+
+class LazyPairs(SequenceABC):
+    """A read-only sequence of pairs over an ExportedSet: `make(dict) -> pair object` runs on each access."""
+
+    def __init__(self, data: ExportedSet, make: Callable[[dict], Any] = dict):
+        self.data, self.make = data, make
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int):
+        if not 0 <= index < len(self.data):
+            raise IndexError(index)
+        return self.make(self.data.pair(index))

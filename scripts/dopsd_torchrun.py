@@ -203,7 +203,8 @@ def main(argv=None) -> int:
     rank, alpha, lr = int(pick(args.rank, "rank")), float(pick(args.alpha, "alpha")), float(pick(args.lr, "learning_rate"))
     ema_decay = float(pick(args.ema_decay, "ema_decay"))
     targets = args.targets if args.targets is not None else ",".join(recipe["targets"])
-    pairs = [Pair(p["caption"], p["student"], p["teacher"], p["latent"], None) for p in data.pairs()]
+    # read on demand: a rank keeps a couple of shards in memory, not the whole set
+    pairs = exported_set.LazyPairs(data, lambda p: Pair(p["caption"], p["student"], p["teacher"], p["latent"], None))
 
     cfg = TrainConfig(method=method, steps=args.steps, batch_size=args.global_batch or env.world_size,
                       rollout_sigmas=schedule["rollout_sigmas"], loss_space=loss_space, detach_states=True, lr=lr,
@@ -234,7 +235,7 @@ def main(argv=None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: control.stop(save=True))
     ckpt_dir = args.checkpoint_dir or (out[:-len(".safetensors")] if out.endswith(".safetensors") else out) + ".checkpoints"
-    trainer = distributed.DistributedTrainer(net, task, cfg, env, example_shape=lambda i: pairs[i].latent.shape,
+    trainer = distributed.DistributedTrainer(net, task, cfg, env, example_shape=data.latent_shape,
                                              checkpoint_dir=ckpt_dir, control=control, on_progress=on_progress,
                                              step_context=step_context)
     what = (("full fine-tuning, FSDP2-sharded" if net.sharded else "full fine-tuning") if args.full

@@ -108,6 +108,10 @@ def test_export_round_trips_pairs_exactly(N, pairs, exported):
         refs, want = got["teacher"][0][1]["reference_latents"], p.teacher[0][1]["reference_latents"]
         assert len(refs) == len(want) and all(torch.equal(a, b) for a, b in zip(refs, want))
         assert set(got["teacher"][0][1]) == set(p.teacher[0][1])
+        assert data.latent_shape(i) == p.latent.shape  # from the manifest
+    lazy = exported_set.LazyPairs(data)
+    assert len(lazy) == 2 and torch.equal(lazy[1]["latent"], pairs[1].latent)
+    assert len(data._cache) <= exported_set.CACHED_SHARDS
 
 
 def test_two_ranks_batch1_equal_one_rank_batch2(two_rank_run, one_rank_batch2_run):
