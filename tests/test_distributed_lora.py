@@ -198,3 +198,20 @@ def test_launcher_refuses_a_set_for_another_family(work, exported):
     assert D.wait_ranks(procs, 120) == [1]
     err = D.read(procs[0][2])
     assert "exported for another model family" in err and "model_class: set 'Flux2' vs model 'ZImage'" in err
+
+
+def test_documented_torchrun_command_writes_a_lora(work, model_file, exported, two_rank_run):
+    """The command of docs/scaling.md, through the real torchrun (static rendezvous on 127.0.0.1)."""
+    import subprocess
+    import sys
+    out = work / "torchrun" / "lora.safetensors"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(D.free_port()), str(D.LAUNCHER),
+           *D.launcher_args(model_file, exported, out, steps=STEPS, save_every=0)]
+    env = D.rank_env(0, 1, 0)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=str(D.REPO))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "on 2 rank(s), global batch 2" in proc.stdout
+    assert_close_sd(load_lora(out)[0], load_lora(two_rank_run[0])[0], atol=0, rtol=0)  # same env contract, same bits
