@@ -241,7 +241,10 @@ def worker(args):
     per_step, peak = pack_steps(model, pairs, env, args.steps, "fp32" if args.tiny else "bf16", True)
     if env.is_main:
         print("RESULT " + json.dumps({"world": env.world_size, "s_per_step": per_step, "peak": peak}), flush=True)
+    distributed.barrier(env)
     distributed.shutdown(env)
+    sys.stdout.flush()
+    os._exit(0)  # no interpreter teardown of c10d threads (see scripts/dopsd_torchrun.py)
 
 
 def scaling(args, world: int):

@@ -73,7 +73,10 @@ def main(out, steps, global_batch, ckpt_dir, resume=None):
     weights = net.state_dict()  # collective
     if env.is_main:
         torch.save({"weights": weights, "losses": trainer.losses, "sharded": net.sharded}, out)
+    distributed.barrier(env)
     distributed.shutdown(env)
+    sys.stdout.flush()
+    os._exit(0)  # as the launcher: no interpreter teardown of c10d threads
 
 
 if __name__ == "__main__":
