@@ -269,6 +269,15 @@ def scaling(args, world: int):
     return json.loads(line[len("RESULT "):])
 
 
+class _Rows(list):
+    """The table's rows, each also printed as soon as it is measured (a run cut short still reports)."""
+
+    def append(self, row):
+        super().append(row)
+        name, what, s, peak, budget = row
+        print(f"[row] {name} | {what} | {fmt(s)} | {fmt(peak / GiB if peak else None)} | {fmt(budget)}", flush=True)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--comfyui", default=os.environ.get("COMFYUI_PATH", ""))
@@ -297,7 +306,7 @@ def main(argv=None):
     from comfyui_dopsd.dopsd_core import distributed
     env = distributed.DistEnv()
     precision = "fp32" if args.tiny else "bf16"
-    rows = []
+    rows = _Rows()
     names = [m.strip() for m in args.models.split(",") if m.strip()]
     for name in names:
         if time.perf_counter() - started > args.time_limit:

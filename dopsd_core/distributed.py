@@ -199,7 +199,8 @@ class DistributedTrainer(Trainer):
     def train_step(self) -> float:
         """grad_accum micro-steps of the global batch, one all-reduce, then the same update on every rank."""
         self.optimizer.zero_grad(set_to_none=True)
-        accumulated = [torch.zeros_like(p) for p in self.params]
+        # made after the first backward: the host may move the LoRA to the model's device during the first step
+        accumulated = [None] * len(self.params)
         # FSDP already averaged each backward over ranks (reduce-scatter / world); plain grads are per rank
         reduced_by = self.env.world_size if self.sharded else 1
         local_loss = 0.0
@@ -207,10 +208,12 @@ class DistributedTrainer(Trainer):
             batch = self.order.next()
             loss_sum = self._micro_step(batch)
             local_loss += loss_sum / (len(batch) * self.cfg.grad_accum)
-            for acc, p in zip(accumulated, self.params):
+            for i, p in enumerate(self.params):
                 if p.grad is not None:
-                    acc.add_(p.grad, alpha=reduced_by / len(batch))
+                    scaled = p.grad * (reduced_by / len(batch))
+                    accumulated[i] = scaled if accumulated[i] is None else accumulated[i].add_(scaled)
                     p.grad = None
+        accumulated = [torch.zeros_like(p) if a is None else a for a, p in zip(accumulated, self.params)]
         device = _comm_device(self.env)
         if self.sharded:
             flat = all_reduce_sum(self.env, torch.tensor([local_loss], device=device), "the loss all-reduce")
