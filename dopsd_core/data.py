@@ -154,7 +154,8 @@ def expand_repeats(examples: Sequence[Example]) -> List[Example]:
     return [e for e in examples for _ in range(max(1, e.repeats))]
 
 
-def _inside_any(path: str, roots: Sequence[str]) -> bool:
+def within(path: str, roots: Sequence[str]) -> bool:
+    """`path` (after symlinks) is one of `roots` (after symlinks) or below one of them."""
     real = os.path.realpath(path)
     for root in roots:
         root = os.path.realpath(root)
@@ -198,7 +199,7 @@ def load_jsonl(path: str, caption_keys: Optional[Sequence[str]] = None,
                                  f"a caption field ('caption', 'text', 'prompt' or one of {', '.join(keys)})")
             for image in ([images] if isinstance(images, str) else images):
                 resolved = _resolve(base, str(image), roots)
-                if roots is not None and (resolved is None or not _inside_any(resolved, roots)):
+                if roots is not None and (resolved is None or not within(resolved, roots)):
                     raise ValueError(f"{path}:{n}: image {image!r} is outside the dataset's folder and ComfyUI's "
                                      "input directory: put the images there and name them relative to the .jsonl")
                 examples.append(Example(resolved, str(caption), alternatives))
@@ -216,7 +217,7 @@ def _resolve(base: str, image: str, roots: Optional[Sequence[str]] = None) -> Op
         if os.path.exists(candidate):
             return candidate
         parent = os.path.dirname(folder)
-        if parent == folder or (roots is not None and not _inside_any(parent, roots)):
+        if parent == folder or (roots is not None and not within(parent, roots)):
             return os.path.join(base, image)  # missing: open_image reports it with this path
         folder = parent
 

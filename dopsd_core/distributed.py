@@ -21,7 +21,6 @@ torchrun) is agreed by all ranks at the next step boundary. Only rank 0 writes f
 """
 import dataclasses
 import datetime
-import math
 import os
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
@@ -31,7 +30,7 @@ import torch.distributed as dist
 
 from .control import TrainControl
 from .data import BatchOrder
-from .train import TrainConfig, Trainer, TrainingDiverged
+from .train import TrainConfig, Trainer, TrainingDiverged  # noqa: F401  (raised on every rank; catch it here)
 
 DEFAULT_TIMEOUT_S = 300.0
 
@@ -232,20 +231,8 @@ class DistributedTrainer(Trainer):
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip if self.cfg.grad_clip > 0
                                               else float("inf"))
         norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if not math.isfinite(loss) or not math.isfinite(norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            what = f"the loss became {loss}" if not math.isfinite(loss) else f"a gradient became {norm}"
-            raise TrainingDiverged(
-                f"{what} at step {self.step + 1} (on at least one of {self.env.world_size} ranks): no update was "
-                f"applied and the last good checkpoint is kept. Lower the learning rate (now {self.cfg.lr:g}), "
-                f"train in fp32 instead of {self.cfg.precision}, or check the exported set for NaNs")
-        self.optimizer.step()
-        self.scheduler.step()
-        self.net.ema_update(self.step)
-        self.step += 1
-        self.grad_norm = norm
-        self.losses.append(loss)
-        return loss
+        return self._apply_update(loss, norm, ", or check the exported set for NaNs",
+                                  where=f" (on at least one of {self.env.world_size} ranks)")
 
     def _save(self):
         if self.sharded:  # gathering full tensors is a collective: every rank builds the state, rank 0 writes it

@@ -16,6 +16,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from . import lora
+
 MODES = ("student", "teacher")
 
 
@@ -80,9 +82,7 @@ class FullWeights:
         return self.params
 
     def ema_decay_at(self, step: int) -> float:
-        if self.ema_warmup:
-            return min(self.ema_decay, (1.0 + step) / (10.0 + step))
-        return self.ema_decay
+        return lora.ema_decay_at(self.ema_decay, self.ema_warmup, step)
 
     @torch.no_grad()
     def ema_update(self, step: int = 0):

@@ -5,7 +5,7 @@ does it. The LoRA mode active at forward time is re-entered during recomputation
 in backward uses the same (student) adapter that produced the saved graph.
 """
 import contextlib
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
 from torch import nn

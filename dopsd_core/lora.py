@@ -133,6 +133,13 @@ class AttachHandle:
         self.hooks = []
 
 
+def ema_decay_at(decay: float, warmup: bool, step: int) -> float:
+    """The EMA decay used after optimizer step `step` (0-based); warm-up ramps it as (1+s)/(10+s) up to `decay`."""
+    if warmup:
+        return min(decay, (1.0 + step) / (10.0 + step))
+    return decay
+
+
 class LoRANetwork(nn.Module):
     """All LoRA modules of one model, the student/teacher/off switch and the EMA teacher update."""
 
@@ -192,10 +199,7 @@ class LoRANetwork(nn.Module):
         return [p for m in self.loras for p in (m.down, m.up)]
 
     def ema_decay_at(self, step: int) -> float:
-        """The decay used after optimizer step `step` (0-based); warm-up ramps it as (1+s)/(10+s)."""
-        if self.ema_warmup:
-            return min(self.ema_decay, (1.0 + step) / (10.0 + step))
-        return self.ema_decay
+        return ema_decay_at(self.ema_decay, self.ema_warmup, step)
 
     @torch.no_grad()
     def ema_update(self, step: int = 0):

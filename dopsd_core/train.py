@@ -258,14 +258,18 @@ class Trainer:
                                "task's velocity functions run, and in 'student' mode?")
         norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.cfg.grad_clip if self.cfg.grad_clip > 0
                                                     else float("inf")))
+        return self._apply_update(loss, norm, f"{'' if self.cfg.grad_clip > 0 else ', enable gradient clipping'}"
+                                              ", or check the training images and conditions for NaNs")
+
+    def _apply_update(self, loss: float, norm: float, advice: str, where: str = "") -> float:
+        """The optimizer / scheduler / EMA step for clipped gradients, or TrainingDiverged (nothing applied, the
+        last good checkpoint kept) when the loss or the gradient norm is not finite."""
         if not math.isfinite(loss) or not math.isfinite(norm):
             self.optimizer.zero_grad(set_to_none=True)
             what = f"the loss became {loss}" if not math.isfinite(loss) else f"a gradient became {norm}"
             raise TrainingDiverged(
-                f"{what} at step {self.step + 1}: no update was applied and the last good checkpoint is kept. "
-                f"Lower the learning rate (now {self.cfg.lr:g}), train in fp32 instead of {self.cfg.precision}"
-                f"{'' if self.cfg.grad_clip > 0 else ', enable gradient clipping'}, or check the training images "
-                "and conditions for NaNs")
+                f"{what} at step {self.step + 1}{where}: no update was applied and the last good checkpoint is kept. "
+                f"Lower the learning rate (now {self.cfg.lr:g}), train in fp32 instead of {self.cfg.precision}{advice}")
         self.optimizer.step()
         self.scheduler.step()
         self.net.ema_update(self.step)

@@ -21,12 +21,10 @@ import contextlib
 import logging
 import os
 import threading
-import time
 import traceback
 import uuid
 from typing import Dict, List, Optional
 
-import comfy.model_management
 import folder_paths
 import numpy as np
 import torch

@@ -10,15 +10,7 @@ from typing import Optional, Sequence
 
 import folder_paths
 
-
-def within(path: str, roots: Sequence[str]) -> bool:
-    """`path` (after symlinks) is one of `roots` (after symlinks) or below one of them."""
-    real = os.path.realpath(path)
-    for root in roots:
-        root = os.path.realpath(root)
-        if os.path.commonpath([root, real]) == root:
-            return True
-    return False
+from ..dopsd_core.data import within
 
 
 def inside(base: str, relative: str, what: str, roots: Optional[Sequence[str]] = None) -> str:
