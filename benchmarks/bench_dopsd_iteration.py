@@ -98,13 +98,7 @@ def build(seed=0, batch=2, size=32, device="cpu"):
     # the teacher's context is longer: text + image tokens, as in D-OPSD's c_t
     cs, ct = torch.randn(1, 32, 64, device=device), torch.randn(1, 48, 64, device=device)
 
-    def student(x, s):
-        with net.mode("student"):
-            return model(x, s, cs)
-
-    def teacher(x, s):
-        with net.mode("teacher"):
-            return model(x, s, ct)
+    student, teacher = net.predictors(lambda x, s: model(x, s, cs), lambda x, s: model(x, s, ct))
 
     x0 = torch.randn(batch, 16, size, size, device=device)
     noise = torch.randn(batch, 16, size, size, device=device)

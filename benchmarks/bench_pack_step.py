@@ -111,16 +111,7 @@ def main():
                     denoised = base.apply_model(x, s, c_crossattn=context, num_tokens=context.shape[1])
                     return (x - denoised) / s.view(-1, 1, 1, 1)
                 return fn
-            student_v, teacher_v = velocity(pair.student), velocity(pair.teacher)
-
-            def student(x, s):
-                with net.mode("student"):
-                    return student_v(x, s)
-
-            def teacher(x, s):
-                with net.mode("teacher"):
-                    return teacher_v(x, s)
-            compute(student, teacher, pair.latent)
+            compute(*net.predictors(velocity(pair.student), velocity(pair.teacher)), pair.latent)
         finally:
             if ck is not None:
                 ck.remove()

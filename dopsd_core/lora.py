@@ -12,7 +12,7 @@ Two ways to attach, both leaving base parameters untouched:
 import contextlib
 import fnmatch
 import math
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -183,6 +183,20 @@ class LoRANetwork(nn.Module):
             yield self
         finally:
             self.current_mode = previous
+
+    def predictors(self, student_fn: Callable, teacher_fn: Callable):
+        """(student, teacher): velocity callables fn(x, sigma) that run `student_fn` with the student LoRA and
+        `teacher_fn` with the EMA teacher, the pair the objectives take. Conditioning is the callers' to close
+        over (c_s in student_fn, c_t in teacher_fn)."""
+        def student(x, sigma):
+            with self.mode("student"):
+                return student_fn(x, sigma)
+
+        def teacher(x, sigma):
+            with self.mode("teacher"):
+                return teacher_fn(x, sigma)
+
+        return student, teacher
 
     def attach(self, root: nn.Module) -> AttachHandle:
         """Forward hooks on `root`'s Linear modules of the same names. Base parameters are untouched."""

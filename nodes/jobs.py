@@ -114,17 +114,8 @@ class ComfyTask:
             if attachment is not None and not attachment.injected:
                 outcome["lost"] = True
                 return None
-            student_v = guided.velocity_fn(model_wrap, model_options, "positive")
-            teacher_v = guided.velocity_fn(model_wrap, model_options, "teacher")
-
-            def student(x, s):
-                with net.mode("student"):
-                    return student_v(x, s)
-
-            def teacher(x, s):
-                with net.mode("teacher"):
-                    return teacher_v(x, s)
-
+            student, teacher = net.predictors(guided.velocity_fn(model_wrap, model_options, "positive"),
+                                              guided.velocity_fn(model_wrap, model_options, "teacher"))
             try:
                 return compute(student, teacher, latent)
             finally:  # (guider.sample itself ejects and re-injects around sampling, which is harmless)

@@ -42,12 +42,6 @@ class ListTask:
         return len(self.x0s)
 
     def run(self, index, compute):
-        def student(x, s):
-            with self.net.mode("student"):
-                return self.model(x, s, self.cs[index])
-
-        def teacher(x, s):
-            with self.net.mode("teacher"):
-                return self.model(x, s, self.ct[index])
-
+        student, teacher = self.net.predictors(lambda x, s: self.model(x, s, self.cs[index]),
+                                               lambda x, s: self.model(x, s, self.ct[index]))
         return compute(student, teacher, self.x0s[index])

@@ -21,15 +21,7 @@ def _setup(seed=0, dtype=torch.float32):
 
 def _roles(model, net, cs, ct):
     """(student, teacher): the model with the LoRA's student adapter on c_s, and with its EMA on c_t."""
-    def student(x, s):
-        with net.mode("student"):
-            return model(x, s, cs)
-
-    def teacher(x, s):
-        with net.mode("teacher"):
-            return model(x, s, ct)
-
-    return student, teacher
+    return net.predictors(lambda x, s: model(x, s, cs), lambda x, s: model(x, s, ct))
 
 
 def test_states_are_the_students_own_sampler_states():

@@ -216,13 +216,9 @@ class BucketTask(ListTask):
         ct = torch.cat([self.ct[i] for i in indices])
         x0 = torch.cat([self.x0s[i] for i in indices])
 
-        def student(x, s):
-            with self.net.mode("student"):
-                return self.model(x, s, cs.repeat_interleave(x.shape[0] // cs.shape[0], 0))
-
-        def teacher(x, s):
-            with self.net.mode("teacher"):
-                return self.model(x, s, ct.repeat_interleave(x.shape[0] // ct.shape[0], 0))
+        student, teacher = self.net.predictors(
+            lambda x, s: self.model(x, s, cs.repeat_interleave(x.shape[0] // cs.shape[0], 0)),
+            lambda x, s: self.model(x, s, ct.repeat_interleave(x.shape[0] // ct.shape[0], 0)))
 
         return compute(student, teacher, x0)
 

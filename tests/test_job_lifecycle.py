@@ -202,15 +202,8 @@ def test_block_guard_copies_activations_only_for_in_place_blocks_and_zimage_need
             p.grad = None
 
         def body(mw, mo, latent, _):
-            s, t = guided.velocity_fn(mw, mo, "positive"), guided.velocity_fn(mw, mo, "teacher")
-
-            def student(x, sg):
-                with net.mode("student"):
-                    return s(x, sg)
-
-            def teacher(x, sg):
-                with net.mode("teacher"):
-                    return t(x, sg)
+            student, teacher = net.predictors(guided.velocity_fn(mw, mo, "positive"),
+                                              guided.velocity_fn(mw, mo, "teacher"))
             return objectives.dopsd_step(student, teacher, noise, torch.tensor([1.0, 0.75, 0.5]))
 
         handle = blocks.guard_blocks(mp, net, checkpointing)

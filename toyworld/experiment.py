@@ -81,15 +81,9 @@ class ConceptTask:
         return 1
 
     def run(self, index, compute):
-        dit, net = self.dit, self.net
-
-        def student(x, sigma):
-            with net.mode("student"):
-                return dit(x, sigma, self.ctx_s, self.mask_s)
-
-        def teacher(x, sigma):
-            with net.mode("teacher"):
-                return dit(x, sigma, self.ctx_t, self.mask_t)
+        dit = self.dit
+        student, teacher = self.net.predictors(lambda x, sigma: dit(x, sigma, self.ctx_s, self.mask_s),
+                                               lambda x, sigma: dit(x, sigma, self.ctx_t, self.mask_t))
         return compute(student, teacher, self.x0)
 
 
