@@ -78,6 +78,9 @@ class FullWeights:
     def sharded(self) -> bool:
         return any(_is_dtensor(p) for p in self.params)
 
+    # the (student, teacher) pair the objectives take; it needs only mode(), which this class has too
+    predictors = lora.LoRANetwork.predictors
+
     def trainable_parameters(self) -> List[nn.Parameter]:
         return self.params
 
