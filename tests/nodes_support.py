@@ -92,3 +92,42 @@ def param_hashes(model):
 def same_weights(before, model):
     after = model.model.state_dict()
     return set(before) == set(after) and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def lora_gradients_plain_and_checkpointed(model, pair, noise):
+    """The LoRA gradients of one D-OPSD step (states 1, .75, .5) through ComfyUI's sampling path, with the job's
+    block guard, computed twice: without and with gradient checkpointing. The LoRA (rank 4) gets non-zero up
+    weights so that both adapters matter. Returns (plain, checkpointed) as flat tensors."""
+    from comfyui_dopsd.dopsd_core import objectives
+    from comfyui_dopsd.nodes.comfy_bridge import blocks, guided, lora_patch
+
+    mp = model.clone()
+    net = lora_patch.build_network(mp, 4, 4.0, "auto", 0.0, 0.9, False, 0)
+    with torch.no_grad():
+        for m in net.loras:
+            m.up.normal_(0, 0.05)
+            m.ema_up.normal_(0, 0.05)
+    lora_patch.install(mp, net)
+
+    def grads(checkpointing):
+        for p in net.trainable_parameters():
+            p.grad = None
+
+        def body(mw, mo, latent, _):
+            student, teacher = net.predictors(guided.velocity_fn(mw, mo, "positive"),
+                                              guided.velocity_fn(mw, mo, "teacher"))
+            return objectives.dopsd_step(student, teacher, noise, torch.tensor([1.0, 0.75, 0.5]))
+
+        handle = blocks.guard_blocks(mp, net, checkpointing)
+        try:
+            with guided.training_flags():  # newer ComfyUI: autograd-safe RoPE while training
+                guided.run_guided(mp, {"positive": pair.student, "teacher": pair.teacher}, pair.latent, body)
+        finally:
+            handle.remove()
+        return torch.cat([p.grad.flatten() for p in net.trainable_parameters()])
+
+    try:
+        return grads(False), grads(True)
+    finally:
+        lora_patch.uninstall(mp)
+

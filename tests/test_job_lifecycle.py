@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import comfy_fixtures as F
-from nodes_support import executor_mode, start_job, wait_state
+from nodes_support import executor_mode, lora_gradients_plain_and_checkpointed, start_job, wait_state
 
 
 @pytest.fixture(scope="module")
@@ -174,8 +174,7 @@ def test_waiting_to_running_sends_a_state_event_and_a_crash_logs_its_traceback(N
 def test_block_guard_copies_activations_only_for_in_place_blocks_and_zimage_needs_none(N, zimage, pairs):
     """Z-Image's blocks never modify their inputs: without checkpointing they run unguarded (no activation
     copies) and still give the LoRA the same gradient as recomputation; Flux2's in-place blocks are guarded."""
-    from comfyui_dopsd.dopsd_core import objectives
-    from comfyui_dopsd.nodes.comfy_bridge import blocks, guided, lora_patch
+    from comfyui_dopsd.nodes.comfy_bridge import blocks
     from comfyui_dopsd.nodes.pairs import detached_copy
     model, _, _ = zimage
     with executor_mode():
@@ -188,34 +187,8 @@ def test_block_guard_copies_activations_only_for_in_place_blocks_and_zimage_need
     guard.remove()
 
     pair = detached_copy(pairs)[0]
-    mp = model.clone()
-    net = lora_patch.build_network(mp, 4, 4.0, "auto", 0.0, 0.9, False, 0)
-    with torch.no_grad():
-        for m in net.loras:
-            m.up.normal_(0, 0.05)
-            m.ema_up.normal_(0, 0.05)
-    lora_patch.install(mp, net)
     noise = torch.randn(pair.latent.shape, generator=torch.Generator().manual_seed(0))
-
-    def grads(checkpointing):
-        for p in net.trainable_parameters():
-            p.grad = None
-
-        def body(mw, mo, latent, _):
-            student, teacher = net.predictors(guided.velocity_fn(mw, mo, "positive"),
-                                              guided.velocity_fn(mw, mo, "teacher"))
-            return objectives.dopsd_step(student, teacher, noise, torch.tensor([1.0, 0.75, 0.5]))
-
-        handle = blocks.guard_blocks(mp, net, checkpointing)
-        try:
-            with guided.training_flags():
-                guided.run_guided(mp, {"positive": pair.student, "teacher": pair.teacher}, pair.latent, body)
-        finally:
-            handle.remove()
-        return torch.cat([p.grad.flatten() for p in net.trainable_parameters()])
-
-    plain, ckpt = grads(False), grads(True)
-    lora_patch.uninstall(mp)
+    plain, ckpt = lora_gradients_plain_and_checkpointed(model, pair, noise)
     assert plain.abs().sum() > 0
     torch.testing.assert_close(plain, ckpt, rtol=1e-3, atol=1e-6)
 

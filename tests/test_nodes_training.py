@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import comfy_fixtures as F
-from nodes_support import (encode, executor_mode, flux2_pairs, images, klein_clip, param_hashes, same_weights,
-                           start_job, wait_state)
+from nodes_support import (encode, executor_mode, flux2_pairs, images, klein_clip,
+                           lora_gradients_plain_and_checkpointed, param_hashes, same_weights, start_job, wait_state)
 
 
 @pytest.fixture(scope="module")
@@ -194,39 +194,11 @@ def test_teacher_preview_shows_student_teacher_target(N, flux2):
 def test_gradient_checkpointing_and_plain_blocks_give_the_same_gradient(N, flux2):
     """Both block guards (recompute in backward vs copies of saved activations) give the LoRA the same
     gradient through ComfyUI's sampling path, and it is not zero."""
-    from comfyui_dopsd.dopsd_core import objectives
-    from comfyui_dopsd.nodes.comfy_bridge import blocks, guided, lora_patch
     from comfyui_dopsd.nodes.pairs import detached_copy
     model, vae = flux2
     pair = detached_copy(flux2_pairs(N, vae))[0]
-    mp = model.clone()
-    net = lora_patch.build_network(mp, 4, 4.0, "auto", 0.0, 0.9, False, 0)
-    with torch.no_grad():
-        for m in net.loras:
-            m.up.normal_(0, 0.05)
-            m.ema_up.normal_(0, 0.05)
-    lora_patch.install(mp, net)
     noise = torch.randn(1, 128, 4, 4, generator=torch.Generator().manual_seed(0))
-
-    def grads(checkpointing):
-        for p in net.trainable_parameters():
-            p.grad = None
-
-        def body(mw, mo, latent, _):
-            student, teacher = net.predictors(guided.velocity_fn(mw, mo, "positive"),
-                                              guided.velocity_fn(mw, mo, "teacher"))
-            return objectives.dopsd_step(student, teacher, noise, torch.tensor([1.0, 0.75, 0.5]))
-
-        handle = blocks.guard_blocks(mp, net, checkpointing)
-        try:
-            with guided.training_flags():  # newer ComfyUI: autograd-safe RoPE while training
-                guided.run_guided(mp, {"positive": pair.student, "teacher": pair.teacher}, pair.latent, body)
-        finally:
-            handle.remove()
-        return torch.cat([p.grad.flatten() for p in net.trainable_parameters()])
-
-    plain, ckpt = grads(False), grads(True)
-    lora_patch.uninstall(mp)
+    plain, ckpt = lora_gradients_plain_and_checkpointed(model, pair, noise)
     assert plain.abs().sum() > 0
     # Float reordering only. Measured on 0.33 with the real klein encoder's conditioning (512 tokens, |c| up to 20):
     # each mode is bit-reproducible, the two differ by at most 0.2 % of the largest gradient entry; a wrong gradient
