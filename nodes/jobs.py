@@ -218,7 +218,7 @@ class Job:
     def active(self) -> bool:
         return self.state in ACTIVE_STATES
 
-    def status(self) -> dict:
+    def status(self) -> events.JobStatus:
         losses = self.losses
         if len(losses) > MAX_CHART_POINTS:
             stride = len(losses) / MAX_CHART_POINTS

@@ -15,7 +15,6 @@ import posixpath
 import time
 
 import comfy.model_management
-import comfy.samplers
 import folder_paths
 import torch
 from comfy_api.latest import io
@@ -25,7 +24,6 @@ from ..dopsd_core.train import METHODS, PRECISIONS, TrainConfig
 from . import CATEGORY, jobs, routes, teacher_nodes
 from .comfy_bridge import families, lora_patch, model_checks, turns
 from .paths import inside, resume_path
-from .schedule_nodes import flux2_sigmas
 from .teacher_nodes import Pairs
 
 Job = io.Custom("DOPSD_JOB")
@@ -34,12 +32,7 @@ routes.register_with_server()
 
 def inference_sigmas(model, steps: int, schedule: str, latent: torch.Tensor) -> torch.Tensor:
     """The few-step schedule users sample with; training rolls out on (a subset of) the same sigmas."""
-    if schedule == "auto":
-        schedule = families.default_schedule(model)
-    if schedule == "flux2":
-        scale = families.pixels_per_latent(latent)
-        return flux2_sigmas(steps, latent.shape[-1] * scale, latent.shape[-2] * scale).float().cpu()
-    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps).float().cpu()
+    return families.latent_sigmas(model, steps, schedule, latent)
 
 
 def normalise_save_prefix(save_prefix: str) -> str:
