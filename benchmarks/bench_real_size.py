@@ -168,7 +168,8 @@ def pack_steps(model, pairs, env, steps: int, precision: str, checkpointing: boo
     finally:
         lora_patch.uninstall(clone)
     peak = torch.cuda.max_memory_allocated() if cuda else None
-    per_step = (times[-1] - times[0]) / max(1, len(times) - 1)
+    # on_progress runs on rank 0 only (DistributedTrainer): the other ranks have no times
+    per_step = (times[-1] - times[0]) / max(1, len(times) - 1) if times else None
     return per_step, peak
 
 
