@@ -220,7 +220,7 @@ def refuse_blind_teacher(method: str, losses: List[List[float]]):
 class Training:
     """One job's training: the model clone, its LoRA (job.net), the pairs and the core Trainer.
 
-    `job` (nodes/jobs.Job) supplies cfg, net, control, use_turns, test_hook and metadata(), and receives the
+    `job` (nodes/jobs.Job) supplies cfg, net, control, use_turns, test_hook and save_lora(), and receives the
     reports: step_done(progress), checkpoint_saved(path, step, is_lora), preview_ready(step, refs).
     """
 
