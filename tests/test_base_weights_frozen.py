@@ -45,6 +45,7 @@ def _fp8_zimage():
 def _train(N, model, pairs, steps=2):
     job, _ = start_job(N, model, pairs, steps=steps)
     assert wait_state(job, ("finished", "error"), timeout=180) == "finished", job.error
+    assert job.wait(60)  # the state is set before the job releases (ejects) its model
     return job
 
 
