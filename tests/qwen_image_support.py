@@ -1,6 +1,7 @@
-"""Tiny but real Qwen-Image models, built through ComfyUI's own classes (as comfy_fixtures builds Z-Image and Flux2).
+"""Tiny but real Qwen-Image models, built through ComfyUI's own classes (as comfy_fixtures builds Z-Image / Flux2).
 
-- Diffusion model: supported_models.QwenImage -> model_base.QwenImage / comfy.ldm.qwen_image QwenImageTransformer2DModel,
+- Diffusion model: supported_models.QwenImage -> model_base.QwenImage / comfy.ldm.qwen_image's
+  QwenImageTransformer2DModel,
   the real layout shrunk: 2 double-stream blocks, 2 heads of 32 (axes_dims_rope 8+12+12 = head_dim, as 16+56+56 = 128
   in the real model), joint_attention_dim = the tiny text encoder's hidden size, 64 input channels (16 latent
   channels x 2 x 2 patches), Wan 2.1 latents (16 ch, 1/8, 5-D [B, 16, T, H, W]).
@@ -178,3 +179,20 @@ def write_server_models(models_dir) -> None:
     F.save_state_dict(models_dir / "text_encoders" / TINY_QWEN25_VL_FILE, qwen25_vl_state_dict(seed=0))
     (models_dir / "vae").mkdir(parents=True, exist_ok=True)
     F.save_state_dict(models_dir / "vae" / TINY_WAN_VAE_FILE, wan_vae_state_dict(seed=0))
+    (models_dir / "loras").mkdir(parents=True, exist_ok=True)
+    F.save_state_dict(models_dir / "loras" / TINY_LIGHTNING_FILE, lightning_lora_state_dict(seed=0))
+
+
+TINY_LIGHTNING_FILE = "tiny_qwen_image_lightning.safetensors"
+
+
+def lightning_lora_state_dict(seed: int = 0, rank: int = 4, scale: float = 0.02) -> dict:
+    """A stand-in for Qwen-Image-Lightning (a few-step LoRA for Qwen-Image) on the tiny model: rank-4 LoRA on every
+    attention and MLP Linear, in the diffusers-style key format ComfyUI maps for Qwen-Image."""
+    gen = torch.Generator().manual_seed(seed)
+    sd = {}
+    for name, module in build_tiny_qwen_image(seed=0).model.diffusion_model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("transformer_blocks."):
+            sd[f"{name}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=gen) * scale
+            sd[f"{name}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=gen) * scale
+    return sd

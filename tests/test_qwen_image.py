@@ -108,3 +108,12 @@ def test_reference_latent_teacher_trains_qwen_image_edit_style(N, qwen):
     losses = [l for _, l in job.status()["losses"]]
     assert len(losses) == 2 and all(math.isfinite(l) and l > 0 for l in losses)
     assert same_weights(before, model)
+
+
+def test_teacher_preview_decodes_qwen_image_latents(N, qwen):
+    """Wan 2.1 latents are 5-D: the preview must give IMAGE frames [3, H, W, 3] (student | teacher | target)."""
+    model, _, vae = qwen
+    pairs = _native_pairs(N, qwen, images(1))
+    with executor_mode():
+        out = N.trainer_nodes.DOPSDTeacherPreview.execute(model, pairs, vae, 4, "auto", 0, 0)[0]
+    assert out.shape == (3, 64, 64, 3) and torch.isfinite(out).all()
