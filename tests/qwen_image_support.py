@@ -16,7 +16,6 @@
   opens the tiny file too.
 """
 import contextlib
-import functools
 import threading
 
 import torch
@@ -166,9 +165,8 @@ def build_tiny_wan_vae(seed: int = 0):
     return comfy.sd.VAE(sd=wan_vae_state_dict(seed))
 
 
-@functools.lru_cache(maxsize=1)
 def tiny_set(seed: int = 0):
-    """(MODEL, CLIP, VAE) of the tiny Qwen-Image, built once per process."""
+    """(MODEL, CLIP, VAE) of the tiny Qwen-Image (about 3 s to build; ComfyUI's own loaders' output types)."""
     return build_tiny_qwen_image(seed), build_tiny_qwen_clip(seed), build_tiny_wan_vae(seed)
 
 
