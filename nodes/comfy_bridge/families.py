@@ -5,7 +5,7 @@
 | zimage   | supported_models.ZImage (lumina2)       | attention qkv/out, feed_forward w1-w3   | simple   | 16 ch, 1/8  | no              |
 | flux2    | supported_models.Flux2 (flux2)          | double-block attn/MLP, single linear1/2 | flux2    | 128 ch, 1/16| yes             |
 | flux     | Flux / Chroma (flux, chroma)            | as flux2                                | simple   | 16 ch, 1/8  | yes             |
-| qwenimage| supported_models.QwenImage (qwen_image) | img/txt attention and MLP Linears       | simple   | 16 ch, 1/8 (5-D Wan 2.1) | unknown: guard |
+| qwenimage| supported_models.QwenImage (qwen_image) | img/txt attention and MLP (no official) | simple   | 16 ch 1/8 5D| unknown: guard  |
 | toy      | the toy world (dopsd_toy)               | every Linear                            | simple   | pixels      | unknown: guard  |
 | other    | e.g. SD3                                | every Linear                            | simple   | 1/8         | unknown: guard  |
 
