@@ -124,6 +124,21 @@ def build_tiny_qwen_image(seed: int = 0, dtype=torch.float32):
                                                                                          seed, dtype), dtype)
 
 
+def build_tiny_qwen_image_fp8(seed: int = 0):
+    """MODEL: the tiny Qwen-Image with float8_e4m3fn weights computed in fp32 (ComfyUI's manual-cast ops), as the
+    shipped workflow's qwen_image_fp8_e4m3fn.safetensors loads on a device without fp8 compute."""
+    import comfy.model_management as mm
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    config = comfy.supported_models.QwenImage(F.host_unet_config(TINY_QWEN_IMAGE))
+    config.set_inference_dtype(torch.float8_e4m3fn, torch.float32)
+    model = config.get_model({}, device="cpu")
+    model.load_model_weights({k: v.to(torch.float8_e4m3fn) for k, v in qwen_image_state_dict(seed).items()}, "")
+    return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
+                                            offload_device=mm.unet_offload_device())
+
+
 def qwen25_vl_state_dict(seed: int = 0) -> dict:
     """A tiny Qwen2.5-VL-7B file's contents (model.layers.* and visual.* keys, as in qwen_2.5_vl_7b.safetensors)."""
     import comfy.ops

@@ -117,3 +117,27 @@ def test_teacher_preview_decodes_qwen_image_latents(N, qwen):
     with executor_mode():
         out = N.trainer_nodes.DOPSDTeacherPreview.execute(model, pairs, vae, 4, "auto", 0, 0)[0]
     assert out.shape == (3, 64, 64, 3) and torch.isfinite(out).all()
+
+
+def test_the_shipped_workflows_shape_trains_fp8_base_plus_lightning_lora(N, qwen):
+    """What the shipped workflow loads: fp8 (e4m3fn) Qwen-Image weights, a few-step LoRA patched on by
+    LoraLoaderModelOnly, the Native VLM teacher. The job trains; once ComfyUI unpatches, the fp8 bytes are as before."""
+    import comfy.model_management as mm
+    import comfy.sd
+
+    _, clip, vae = qwen
+    base = Q.build_tiny_qwen_image_fp8(seed=0)
+    assert {p.dtype for p in base.model.diffusion_model.parameters()} == {torch.float8_e4m3fn}
+    before = {k: v.clone() for k, v in base.model.state_dict().items()}
+    with executor_mode():
+        lightning, _ = comfy.sd.load_lora_for_models(base, None, Q.lightning_lora_state_dict(), 1.0, 0)
+    assert len(lightning.patches) == 28  # 12 trained Linears + img_mod / txt_mod per block
+    job, _ = start_job(N, lightning, _native_pairs(N, qwen, images(1)), vae=vae, steps=2, inference_steps=8,
+                       train_steps=4, precision="bf16")
+    assert wait_state(job, ("finished", "error", "stopped"), timeout=180) == "finished", job.error
+    losses = [loss for _, loss in job.status()["losses"]]
+    assert len(losses) == 2 and all(math.isfinite(l) and l > 0 for l in losses)
+    assert any(v.abs().max() > 0 for k, v in job.lora_state_dict().items() if "lora_up" in k)
+    mm.unload_all_models()  # ComfyUI patches LoRAs into the weights while loaded and restores them on unload
+    after = base.model.state_dict()
+    assert all(torch.equal(before[k].view(torch.uint8), after[k].view(torch.uint8)) for k in before)
