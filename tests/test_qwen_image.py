@@ -71,10 +71,9 @@ def test_native_vlm_teacher_sees_the_target_image_and_the_student_does_not(N, qw
     assert torch.equal(_native_pairs(N, qwen, a[:1])[0].teacher[0][0], ta)
 
 
-def test_native_vlm_teacher_refuses_a_text_only_encoder(N, qwen):
+def test_native_vlm_teacher_refuses_a_text_only_encoder(N, qwen, tmp_path):
     import comfy_fixtures as F
-    clip = F.load_tiny_zimage_clip(F.save_state_dict(
-        __import__("pathlib").Path(__import__("tempfile").mkdtemp()) / "te.safetensors", F.qwen3_state_dict()))
+    clip = F.load_tiny_zimage_clip(F.save_state_dict(tmp_path / "te.safetensors", F.qwen3_state_dict()))
     with executor_mode(), pytest.raises(ValueError, match="ignores images"):
         N.teacher_nodes.DOPSDTeacherNativeVLM.execute(_dataset(N, images(1)), clip, qwen[2])
 
