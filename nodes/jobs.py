@@ -37,6 +37,7 @@ from ..dopsd_core.train import TrainConfig, Trainer
 from . import events
 from .comfy_bridge import blocks, guided, interrupts, lora_patch, memory, turns
 from .pairs import Pair, detached_copy
+from .teacher_nodes import decode_images
 
 JOBS: Dict[str, "Job"] = {}
 _LOCK = threading.Lock()
@@ -337,7 +338,7 @@ class Job:
                 stack.enter_context(turns.TURN.trainer_step())
             samples = sample_pair(self.model, self.net, self.pairs[0], self.inference_sigmas, self.cfg.seed)
             with torch.no_grad():
-                images = {m: self.vae.decode(lat) for m, lat in samples.items()}
+                images = {m: decode_images(self.vae, lat) for m, lat in samples.items()}
         refs = {m: _image_ref(img, self.job_id, f"{m}_step{self.step:05d}") for m, img in images.items()}
         self.previews = {"step": self.step, **refs}
         events.send("dopsd.preview", {"job_id": self.job_id, "node_id": self.node_id, "step": self.step, **refs})
