@@ -31,6 +31,13 @@ def encode_latent(vae, image):
     return vae.encode(image[:, :, :, :3])
 
 
+def decode_images(vae, latent):
+    """IMAGE [N, H, W, 3] from a latent batch, as ComfyUI's VAEDecode returns it: video-style VAEs (Qwen-Image's
+    Wan 2.1 VAE: latents [B, 16, T, H/8, W/8]) decode to [B, T, H, W, 3], whose frames become the batch."""
+    images = vae.decode(latent)
+    return images.reshape(-1, *images.shape[-3:]) if images.ndim == 5 else images
+
+
 def require_dataset(dataset):
     if not dataset:
         raise ValueError("the dataset is empty: add image-caption pairs")

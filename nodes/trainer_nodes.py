@@ -328,7 +328,7 @@ class DOPSDTeacherPreview(io.ComfyNode):
         teacher_nodes.require_visible_teacher(model, [pair])
         sigmas = inference_sigmas(model, steps, schedule, pair.latent)
         out = training.sample_pair(model, None, pair, sigmas, seed)
-        student, teacher = vae.decode(out["student"]), vae.decode(out["teacher"])
+        student, teacher = (teacher_nodes.decode_images(vae, out[m]) for m in ("student", "teacher"))
         target = pair.image[:, :, :, :3].to(student.device, student.dtype)
         if target.shape[1:3] != student.shape[1:3]:
             target = torch.nn.functional.interpolate(target.movedim(-1, 1), size=student.shape[1:3]).movedim(1, -1)

@@ -150,7 +150,8 @@ def comfy_server(tmp_path_factory):
     """A real ComfyUI server (main.py --cpu on 127.0.0.1, free port) with the pack and the test-only loader
     patch in custom_nodes, and tiny models in models/ (diffusion_models: tiny_zimage / tiny_flux2,
     text_encoders: tiny_qwen3, and tiny_klein_qwen3 for CLIPLoader type flux2 where the host has FLUX.2-klein's
-    text encoder). Stopped by its own PID at the end of the session."""
+    text encoder), plus the tiny Qwen-Image set of tests/qwen_image_support.py. Stopped by its own PID at the
+    end of the session."""
     base = server_lib.prepare_base_dir(tmp_path_factory.mktemp("comfy_base"))
     models = base / "models"
     for name, cls, cfg in [(TINY_ZIMAGE_FILE, "ZImage", F.TINY_ZIMAGE), (TINY_FLUX2_FILE, "Flux2", F.TINY_FLUX2)]:
@@ -158,6 +159,8 @@ def comfy_server(tmp_path_factory):
     F.save_state_dict(models / "text_encoders" / TINY_QWEN3_FILE, F.qwen3_state_dict(seed=0))
     if F.has_klein_text_encoder():
         F.save_state_dict(models / "text_encoders" / TINY_KLEIN_QWEN3_FILE, F.qwen3_state_dict(F.TINY_KLEIN_QWEN3, seed=0))
+    import qwen_image_support
+    qwen_image_support.write_server_models(models)  # tiny Qwen-Image, Qwen2.5-VL and Wan 2.1 VAE
     server = server_lib.ComfyServer(base)
     try:
         yield server

@@ -33,14 +33,25 @@ QWEN3_VL_FOLDER = "models/text_encoders/Qwen3-VL-4B-Instruct"
 KLEIN_UNET = "flux-2-klein-4b.safetensors"
 KLEIN_TE = "qwen_3_4b.safetensors"
 KLEIN_VAE = "flux2-vae.safetensors"
+HF_QWEN = "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files"
+QWEN_UNET = "qwen_image_fp8_e4m3fn.safetensors"  # names as in ComfyUI's own Qwen-Image template
+QWEN_TE = "qwen_2.5_vl_7b_fp8_scaled.safetensors"
+QWEN_VAE = "qwen_image_vae.safetensors"
+QWEN_LIGHTNING = "Qwen-Image-Lightning-8steps-V1.0.safetensors"
 MODELS = {  # frontend "models" property: lets ComfyUI offer the download when a file is missing
     ZIMAGE_UNET: dict(url=f"{HF_ZIMAGE}/diffusion_models/{ZIMAGE_UNET}", directory="diffusion_models"),
     ZIMAGE_TE: dict(url=f"{HF_ZIMAGE}/text_encoders/{ZIMAGE_TE}", directory="text_encoders"),
     ZIMAGE_VAE: dict(url=f"{HF_ZIMAGE}/vae/{ZIMAGE_VAE}", directory="vae"),
     KLEIN_VAE: dict(url=f"{HF_FLUX2}/vae/{KLEIN_VAE}", directory="vae"),
+    QWEN_UNET: dict(url=f"{HF_QWEN}/diffusion_models/{QWEN_UNET}", directory="diffusion_models"),
+    QWEN_TE: dict(url=f"{HF_QWEN}/text_encoders/{QWEN_TE}", directory="text_encoders"),
+    QWEN_VAE: dict(url=f"{HF_QWEN}/vae/{QWEN_VAE}", directory="vae"),
+    QWEN_LIGHTNING: dict(url=f"https://huggingface.co/lightx2v/Qwen-Image-Lightning/resolve/main/{QWEN_LIGHTNING}",
+                         directory="loras"),
 }
 ZIMAGE_LORA = "dopsd/zimage_turbo_lora"
 KLEIN_LORA = "dopsd/flux2_klein_lora"
+QWEN_LORA = "dopsd/qwen_image_lora"
 KLEIN_EDIT_PROMPT = ("Make the main subject (facial/ip details), background, and overall composition consistent "
                      "with the reference image.")
 
@@ -70,6 +81,15 @@ KLEIN_FILES_MD = f"""**Model files** (into `ComfyUI/models/…`), FLUX.2-klein *
 | [{KLEIN_VAE}]({MODELS[KLEIN_VAE]['url']}) | `vae/` |
 
 FLUX.2-klein needs **ComfyUI 0.9.2 or newer** (Qwen3 text encoder for FLUX.2: CLIPLoader type `flux2`)."""
+
+QWEN_FILES_MD = f"""**Model files** (into `ComfyUI/models/…`), as in ComfyUI's own Qwen-Image template:
+
+| file | folder |
+|---|---|
+| [{QWEN_UNET}]({MODELS[QWEN_UNET]['url']}) | `diffusion_models/` |
+| [{QWEN_TE}]({MODELS[QWEN_TE]['url']}) (Qwen2.5-VL-7B, with its vision tower) | `text_encoders/` |
+| [{QWEN_VAE}]({MODELS[QWEN_VAE]['url']}) | `vae/` |
+| [{QWEN_LIGHTNING}]({MODELS[QWEN_LIGHTNING]['url']}) (makes Qwen-Image an 8-step model) | `loras/` |"""
 
 DATASET_MD = """**Dataset**: a folder `ComfyUI/input/dopsd_dataset/` with images and a same-name `.txt` caption for each
 (`cat1.png` + `cat1.txt`), or a `.jsonl` file there with `image` / `caption` rows. `[trigger]` in a caption is
@@ -113,6 +133,18 @@ def klein_loaders(x=460, y=80):
         loader("clip", "CLIPLoader", [x, y + 130], {"clip_name": KLEIN_TE, "type": "flux2", "device": "default"},
                KLEIN_TE),
         loader("vae", "VAELoader", [x, y + 290], {"vae_name": KLEIN_VAE}, KLEIN_VAE),
+    ]
+
+
+def qwen_loaders(x=460, y=80):
+    return [
+        loader("unet", "UNETLoader", [x, y], {"unet_name": QWEN_UNET, "weight_dtype": "default"}, QWEN_UNET),
+        loader("lightning", "LoraLoaderModelOnly", [x, y + 130], {"lora_name": QWEN_LIGHTNING, "strength_model": 1.0},
+               QWEN_LIGHTNING),
+        node("shift", "ModelSamplingAuraFlow", [x, y + 270], {"shift": 3.1}),
+        loader("clip", "CLIPLoader", [x, y + 370], {"clip_name": QWEN_TE, "type": "qwen_image", "device": "default"},
+               QWEN_TE),
+        loader("vae", "VAELoader", [x, y + 530], {"vae_name": QWEN_VAE}, QWEN_VAE),
     ]
 
 
@@ -187,6 +219,37 @@ LoRAs go to `models/loras/{KLEIN_LORA}_stepNNNNN.safetensors`; look at them with
         links=[("dataset", 0, "teacher", "dataset"), ("clip", 0, "teacher", "clip"), ("vae", 0, "teacher", "vae"),
                ("unet", 0, "trainer", "model"), ("teacher", 0, "trainer", "pairs"), ("vae", 0, "trainer", "vae")],
         groups=[("1. FLUX.2-klein 4B", ["unet", "clip", "vae"], "models"),
+                ("2. Dataset and teacher context", ["dataset", "teacher"], "data"),
+                ("3. Train (background job)", ["trainer"], "train")],
+    )
+
+
+def wf_train_qwen_image():
+    readme = f"""## D-OPSD: LoRA for Qwen-Image (native VLM teacher)
+
+On-policy self-distillation with Qwen-Image's own text encoder as the teacher: Qwen2.5-VL reads the caption **and
+the target image** (its vision tower, the way Qwen-Image-Edit encodes its input image), the student reads the
+caption only. Training runs on the student's own 8-step trajectory (Qwen-Image + the Lightning 8-step LoRA), so
+the LoRA keeps it an 8-step model.
+
+{QWEN_FILES_MD}
+
+{DATASET_MD}
+
+{RUN_MD}
+
+**Settings**: `inference_steps` 8 with `train_steps` 4, euler / simple at shift 3.1 (ModelSamplingAuraFlow) and
+cfg 1, as ComfyUI's Qwen-Image template samples with the Lightning LoRA. No official D-OPSD recipe exists for
+Qwen-Image: the LoRA targets (family `qwenimage`) are both streams' attention projections and MLPs. LoRAs go to
+`models/loras/{QWEN_LORA}_stepNNNNN.safetensors`; use them **together with** the Lightning LoRA. For
+Qwen-Image-Edit, the *Reference Latent* teacher is the other choice (the edit model's own input-image path)."""
+    return dict(
+        nodes=[note("readme", [0, 0], [420, 700], readme), *qwen_loaders(), dataset([820, 80], 1024),
+               node("teacher", "DOPSDTeacherNativeVLM", [820, 260]), trainer([1240, 80], 8, 4, QWEN_LORA)],
+        links=[("unet", 0, "lightning", "model"), ("lightning", 0, "shift", "model"),
+               ("dataset", 0, "teacher", "dataset"), ("clip", 0, "teacher", "clip"), ("vae", 0, "teacher", "vae"),
+               ("shift", 0, "trainer", "model"), ("teacher", 0, "trainer", "pairs"), ("vae", 0, "trainer", "vae")],
+        groups=[("1. Qwen-Image (8-step)", ["unet", "lightning", "shift", "clip", "vae"], "models"),
                 ("2. Dataset and teacher context", ["dataset", "teacher"], "data"),
                 ("3. Train (background job)", ["trainer"], "train")],
     )
@@ -389,6 +452,7 @@ step-distilled 32x32 pixel model, its tiny VLM encoder, an identity VAE; see `to
 WORKFLOWS_SPEC = {
     "D-OPSD train - Z-Image-Turbo (VLM splice teacher)": wf_train_zimage,
     "D-OPSD train - FLUX.2-klein (reference latent teacher)": wf_train_klein,
+    "D-OPSD train - Qwen-Image (native VLM teacher)": wf_train_qwen_image,
     "D-OPSD teacher preview - Z-Image-Turbo": wf_teacher_preview,
     "D-OPSD LoRA preview - Z-Image-Turbo 8-step": wf_lora_preview_zimage,
     "D-OPSD LoRA preview - FLUX.2-klein 4-step": wf_lora_preview_klein,
@@ -508,7 +572,9 @@ def build_all(server_url, page, thumbnails_to=None):
              timeout=90, message="ComfyUI frontend")
     out = {}
     for name, make in WORKFLOWS_SPEC.items():
-        wf = page.evaluate(f"({BUILD_JS})({json.dumps(prepare_spec(make()))})")
+        # JSON.stringify in the page, as Save does: newer Playwright returns JS `undefined` fields as None
+        spec = json.dumps(prepare_spec(make()))
+        wf = json.loads(page.evaluate(f"(async () => JSON.stringify(await ({BUILD_JS})({spec})))()"))
         wf.pop("id", None)  # a fresh id is made when the file is opened
         out[name] = wf
         if thumbnails_to is not None:

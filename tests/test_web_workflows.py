@@ -53,7 +53,7 @@ def test_workflow_is_ui_format_with_notes(name):
 
 
 def test_training_workflows_use_the_few_step_schedules():
-    for name, steps in ((T.TRAIN_ZIMAGE, 8), (T.TRAIN_KLEIN, 4)):
+    for name, steps in ((T.TRAIN_ZIMAGE, 8), (T.TRAIN_KLEIN, 4), (T.TRAIN_QWEN, 8)):
         trainer = next(n for n in T.load(name)["nodes"] if n["type"] == "DOPSDTrainer")
         assert trainer["widgets_values"][2] == steps  # inference_steps (method, steps, inference_steps, ...)
 
@@ -151,9 +151,9 @@ def _images(server, entry, node_type_ids):
 
 @pytest.fixture(scope="module")
 def trained_loras(comfy_server, object_info, assets):
-    """Runs both training workflows on the tiny models; returns {family: lora file name under models/loras}."""
+    """Runs the training workflows on the tiny models; returns {family: lora file name under models/loras}."""
     out = {}
-    for family, name in (("zimage", T.TRAIN_ZIMAGE), ("klein", T.TRAIN_KLEIN)):
+    for family, name in (("zimage", T.TRAIN_ZIMAGE), ("klein", T.TRAIN_KLEIN), ("qwenimage", T.TRAIN_QWEN)):
         prefix = f"dopsd/wf_{family}_{int(time.time() * 1000)}"
         entry = _run(comfy_server, object_info, name, vl_folder=assets["vl_folder"], train_steps=2,
                      preview_every=1, save_prefix=prefix)

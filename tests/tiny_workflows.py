@@ -3,6 +3,8 @@
 `tiny_workflow()` edits a UI-format workflow (so the browser can load it and `workflow_api.to_api` can convert
 it) the way a user would re-point it at other files:
 - model files -> the tiny files the comfy_server fixture writes (UNETLoader, CLIPLoader for Z-Image);
+- Qwen-Image: UNETLoader / CLIPLoader (qwen_image) / VAELoader -> the tiny files of qwen_image_support (the stock
+  loaders open them), the Lightning LoRA -> a tiny stand-in LoRA on the tiny model;
 - CLIPLoader type flux2 (FLUX.2-klein's Qwen3 encoder) -> the tiny klein encoder file, opened by the stock
   CLIPLoader, where the host has that encoder (ComfyUI >= 0.9.2); on older hosts -> TestTinyKleinCLIP, a
   test-only stand-in with the same output;
@@ -20,17 +22,19 @@ from PIL import Image
 
 import workflow_api as W
 import comfy_fixtures as F
+import qwen_image_support as Q
 from conftest import TINY_FLUX2_FILE, TINY_KLEIN_QWEN3_FILE, TINY_QWEN3_FILE, TINY_ZIMAGE_FILE
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOW_DIR = REPO / "workflows"
 TRAIN_ZIMAGE = "D-OPSD train - Z-Image-Turbo (VLM splice teacher)"
 TRAIN_KLEIN = "D-OPSD train - FLUX.2-klein (reference latent teacher)"
+TRAIN_QWEN = "D-OPSD train - Qwen-Image (native VLM teacher)"
 TEACHER_PREVIEW = "D-OPSD teacher preview - Z-Image-Turbo"
 PREVIEW_ZIMAGE = "D-OPSD LoRA preview - Z-Image-Turbo 8-step"
 PREVIEW_KLEIN = "D-OPSD LoRA preview - FLUX.2-klein 4-step"
 TOY_DEMO = "D-OPSD demo - toy world (CPU)"
-ALL = [TRAIN_ZIMAGE, TRAIN_KLEIN, TEACHER_PREVIEW, PREVIEW_ZIMAGE, PREVIEW_KLEIN, TOY_DEMO]
+ALL = [TRAIN_ZIMAGE, TRAIN_KLEIN, TRAIN_QWEN, TEACHER_PREVIEW, PREVIEW_ZIMAGE, PREVIEW_KLEIN, TOY_DEMO]
 DATASET_FOLDER = "dopsd_dataset"
 VL_FOLDER_NAME = "Qwen3-VL-tiny"
 
@@ -113,15 +117,20 @@ def tiny_workflow(workflow: dict, object_info: dict, *, vl_folder=None, train_st
         node.get("properties", {}).pop("models", None)  # no "missing models" dialog for the real files
         if t == "UNETLoader":
             name = _get(node, info, "unet_name")
-            _set(node, info, "unet_name", TINY_FLUX2_FILE if "klein" in name or "flux" in name else TINY_ZIMAGE_FILE)
+            _set(node, info, "unet_name", TINY_FLUX2_FILE if "klein" in name or "flux" in name else
+                 Q.TINY_QWEN_IMAGE_FILE if "qwen_image" in name else TINY_ZIMAGE_FILE)
         elif t == "CLIPLoader":
-            if _get(node, info, "type") == "flux2":
+            if _get(node, info, "type") == "qwen_image":
+                _set(node, info, "clip_name", Q.TINY_QWEN25_VL_FILE)
+            elif _get(node, info, "type") == "flux2":
                 if F.has_klein_text_encoder():
                     _set(node, info, "clip_name", TINY_KLEIN_QWEN3_FILE)
                 else:
                     _swap_type(node, object_info, "TestTinyKleinCLIP", {})
             else:
                 _set(node, info, "clip_name", TINY_QWEN3_FILE)
+        elif t == "VAELoader" and "qwen_image" in _get(node, info, "vae_name"):
+            _set(node, info, "vae_name", Q.TINY_WAN_VAE_FILE)  # the stock VAELoader detects the tiny Wan 2.1 VAE
         elif t == "VAELoader":
             kind = "flux2" if "flux2" in _get(node, info, "vae_name") else "flux"
             _swap_type(node, object_info, "TestTinyVAE", {"kind": kind, "seed": 0})
@@ -137,6 +146,8 @@ def tiny_workflow(workflow: dict, object_info: dict, *, vl_folder=None, train_st
                              precision="fp32", rank=4, alpha=4.0, learning_rate=1e-2, ema_decay=0.9,
                              gradient_checkpointing=False).items():
                 _set(node, info, k, v)
+        elif t == "LoraLoaderModelOnly" and "Lightning" in _get(node, info, "lora_name"):
+            _set(node, info, "lora_name", Q.TINY_LIGHTNING_FILE)
         elif t == "LoraLoaderModelOnly" and lora_name is not None:
             _set(node, info, "lora_name", lora_name)
         elif t in ("EmptySD3LatentImage", "EmptyFlux2LatentImage", "Flux2Scheduler"):

@@ -5,8 +5,9 @@
 | zimage   | supported_models.ZImage (lumina2)       | attention qkv/out, feed_forward w1-w3   | simple   | 16 ch, 1/8  | no              |
 | flux2    | supported_models.Flux2 (flux2)          | double-block attn/MLP, single linear1/2 | flux2    | 128 ch, 1/16| yes             |
 | flux     | Flux / Chroma (flux, chroma)            | as flux2                                | simple   | 16 ch, 1/8  | yes             |
+| qwenimage| supported_models.QwenImage (qwen_image) | img/txt attention and MLP (no official) | simple   | 16 ch 1/8 5D| unknown: guard  |
 | toy      | the toy world (dopsd_toy)               | every Linear                            | simple   | pixels      | unknown: guard  |
-| other    | e.g. Qwen-Image, SD3                    | every Linear                            | simple   | 1/8         | unknown: guard  |
+| other    | e.g. SD3                                | every Linear                            | simple   | 1/8         | unknown: guard  |
 
 Teacher kinds per family are chosen by the user's teacher node (docs/nodes.md): VLM splice for Z-Image,
 reference latents for FLUX.2-klein / Qwen-Image-Edit / Kontext, the native VLM encoder for Qwen-Image.
@@ -22,6 +23,12 @@ TARGETS = {
              "single_blocks.*.linear1", "single_blocks.*.linear2"],
 }
 TARGETS["flux2"] = TARGETS["flux"]
+# Qwen-Image (no official D-OPSD recipe): both streams' attention projections and MLPs of every double-stream block,
+# as for the other families; names are ComfyUI's = diffusers' QwenImageTransformer2DModel ones (what ComfyUI's LoRA
+# loader maps for Qwen-Image), modulation (img_mod / txt_mod) left out.
+TARGETS["qwenimage"] = [f"transformer_blocks.*.{m}" for m in (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj",
+    "attn.to_add_out", "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2")]
 # Modules whose blocks compute x = x + f(x) out of place; any other block may update its input in place.
 OUT_OF_PLACE_MODULES = ("comfy.ldm.lumina.",)
 
@@ -32,14 +39,14 @@ def image_model(model) -> str:
 
 
 def family(model) -> str:
-    """zimage | flux2 | flux | toy | other."""
+    """zimage | flux2 | flux | qwenimage | toy | other."""
     import comfy.supported_models
 
     if isinstance(getattr(model.model, "model_config", None), comfy.supported_models.Flux2):
         return "flux2"
     name = image_model(model)
     return {"lumina2": "zimage", "flux2": "flux2", "flux": "flux", "chroma": "flux",
-            "dopsd_toy": "toy"}.get(name, "other")
+            "qwen_image": "qwenimage", "dopsd_toy": "toy"}.get(name, "other")
 
 
 def is_flux2(model) -> bool:
@@ -94,11 +101,14 @@ def latent_sigmas(model, steps: int, schedule: str, latent: torch.Tensor) -> tor
 
 
 def hidden_width(model) -> int:
-    """Width of the residual stream of the DiT (Z-Image `dim`, Flux `hidden_size`)."""
+    """Width of the residual stream of the DiT (Z-Image `dim`, Flux `hidden_size`, Qwen-Image `inner_dim`)."""
     unet = getattr(model.model.model_config, "unet_config", {}) or {}
     for key in ("dim", "hidden_size", "inner_dim"):
         if unet.get(key):
             return int(unet[key])
+    inner = getattr(model.model.diffusion_model, "inner_dim", None)  # Qwen-Image: heads x head_dim, not in its config
+    if isinstance(inner, int) and inner > 0:
+        return inner
     for module in model.model.diffusion_model.modules():
         if isinstance(module, torch.nn.Linear):
             return int(module.in_features)

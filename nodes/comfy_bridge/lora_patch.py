@@ -9,6 +9,12 @@ Weights that ComfyUI loaded inside the executor's torch.inference_mode are infer
 autograd refuses to save for backward (every frozen weight on the path to a LoRA gradient must be saved).
 While injected, each such parameter/buffer is given a plain tensor that aliases the same storage
 (zero-copy, bit-identical values), and the original tensor objects are put back on eject.
+
+Weights that are plain tensors (a model built or loaded outside the executor: the torchrun launcher, a
+benchmark, another node pack) come with requires_grad=True, and autograd would then compute and keep a
+gradient for every base weight: a second copy of the model in memory, a third more backward work, and a
+crash for fp8 weights (no fp8 add for the gradient sum). They are frozen while injected, as ComfyUI's own
+trainer freezes its model, and their flag is put back on eject.
 """
 from typing import Sequence
 
@@ -63,10 +69,20 @@ def _alias_inference_tensors(root):
     return swapped
 
 
-def _restore(swapped):
+def _freeze_parameters(root):
+    """requires_grad=False on every parameter of `root` that wants a gradient; returns those parameters."""
+    frozen = [p for p in root.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    return frozen
+
+
+def _restore(swapped, frozen):
     for table, name, original, alias in swapped:
         if table.get(name) is alias:  # still ours: nobody replaced it meanwhile
             table[name] = original
+    for p in frozen:
+        p.requires_grad_(True)
 
 
 class Attachment:
@@ -80,13 +96,14 @@ class Attachment:
 
 def install(model, net: LoRANetwork) -> Attachment:
     """Register the injection on `model` (a clone owned by the training job)."""
-    state = {"handle": None, "swapped": []}
+    state = {"handle": None, "swapped": [], "frozen": []}
     attachment = Attachment()
 
     def inject(patcher):
         root = patcher.model.diffusion_model
         net.to(patcher.load_device)
         state["swapped"] = _alias_inference_tensors(root)
+        state["frozen"] = _freeze_parameters(root)
         state["handle"] = net.attach(root)
         attachment.injected = True
 
@@ -94,8 +111,8 @@ def install(model, net: LoRANetwork) -> Attachment:
         if state["handle"] is not None:
             state["handle"].remove()
             state["handle"] = None
-        _restore(state["swapped"])
-        state["swapped"] = []
+        _restore(state["swapped"], state["frozen"])
+        state["swapped"], state["frozen"] = [], []
         if attachment.injected:
             attachment.ejections += 1
         attachment.injected = False

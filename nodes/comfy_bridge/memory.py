@@ -15,6 +15,7 @@ The figure is analytic (bytes), computed from the model's config and the example
 import math
 
 import comfy.model_management
+import torch
 
 from .blocks import top_level_blocks
 from .families import hidden_width
@@ -58,5 +59,10 @@ def training_memory(model, net, latent_shape, cond_tokens: int, checkpointing: b
 
 
 def load_for_training(model, memory: int):
-    """Load (and so inject the LoRA into) the job's patcher with room for `memory` bytes of working memory."""
-    comfy.model_management.load_models_gpu([model], memory_required=memory, minimum_memory_required=memory)
+    """Load (and so inject the LoRA into) the job's patcher with room for `memory` bytes of working memory.
+
+    Without autograd, as ComfyUI's executor (inference mode) always loads: loading writes weight patches (e.g. a
+    few-step LoRA from LoraLoaderModelOnly) into the weights, and for fp8 weights ComfyUI's stochastic rounding
+    uses out= ops that raise while autograd records."""
+    with torch.no_grad():
+        comfy.model_management.load_models_gpu([model], memory_required=memory, minimum_memory_required=memory)

@@ -35,6 +35,7 @@ from ...dopsd_core import checkpoint as ckpt
 from ...dopsd_core import sampler
 from ...dopsd_core.train import StepClock, Trainer, TrainResult
 from ..pairs import Pair, detached_copy
+from ..teacher_nodes import decode_images
 from . import batches, blocks, guided, lora_patch, memory, turns
 
 MAX_STEP_ATTEMPTS = 3     # tries of one micro-step whose model was unloaded midway, before the job gives up
@@ -314,7 +315,7 @@ class Training:
         with self.model_turn():
             samples = sample_pair(self.model, self.net, self.pairs[0], self.options.inference_sigmas, self.cfg.seed)
             with torch.no_grad():
-                images = {role: self.vae.decode(latent) for role, latent in samples.items()}
+                images = {role: decode_images(self.vae, latent) for role, latent in samples.items()}
         refs = {role: image_ref(img, self.job.job_id, f"{role}_step{step:05d}") for role, img in images.items()}
         self.job.preview_ready(step, refs)
 

@@ -92,3 +92,5 @@ NODE_CLASS_MAPPINGS = {"TestTinyVAE": TestTinyVAE}
 from .tiny_klein_clip import NODE_CLASS_MAPPINGS as _KLEIN_CLIP  # noqa: E402  (used by tests/test_web_*.py)
 
 NODE_CLASS_MAPPINGS.update(_KLEIN_CLIP)
+
+from . import tiny_qwen_vl  # noqa: E402,F401  (the stock CLIPLoader opens the tiny Qwen2.5-VL file)
