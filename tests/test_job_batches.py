@@ -8,7 +8,8 @@ import comfy_fixtures as F
 from nodes_support import executor_mode, start_job, wait_state
 
 # fp32 on the CPU; the batched call differs from two single calls only in summation order inside the kernels
-# (measured on 0.3.75: largest element difference 4e-9, relative difference of the whole gradient 1.2e-6)
+# (measured: largest element difference 4e-9; relative difference of the whole gradient 1.2e-6 to 1.7e-6 on 0.3.75
+# and 0.33)
 GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-7
 GRAD_NORM_RTOL = 1e-5
 
