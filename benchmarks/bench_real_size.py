@@ -11,7 +11,7 @@ layers, 30 heads, Qwen3-4B context 2560) and FLUX.2-klein 4B (hidden 3072, 5 dou
 
 Per model it measures, at --resolution (1024) with gradient checkpointing and bf16 autocast, LoRA rank 16:
 - pack step: one optimizer step of the pack's D-OPSD (K = 4 rollout states, 4 student forward+backward and
-  4 teacher forwards) through the same code the node and the torchrun launcher run (nodes/jobs.ComfyTask,
+  4 teacher forwards) through the same code the node and the torchrun launcher run (comfy_bridge/training.ComfyTask,
   lora_patch, blocks, dopsd_core.distributed.DistributedTrainer): seconds per step (mean over --steps after
   one warm-up step) and peak GPU memory (torch.cuda.max_memory_allocated, weights included);
 - the same with fp8 (e4m3fn) base weights when --fp8 is given (bf16 compute);
@@ -25,7 +25,6 @@ Conditioning is synthetic (random features of the real width): student = 128 tex
 as a reference latent (its edit path).
 """
 import argparse
-import contextlib
 import importlib.util
 import json
 import os
@@ -142,8 +141,7 @@ def pack_steps(model, pairs, env, steps: int, precision: str, checkpointing: boo
     import torch
     from comfyui_dopsd.dopsd_core import distributed, schedules
     from comfyui_dopsd.dopsd_core.train import TrainConfig
-    from comfyui_dopsd.nodes import jobs
-    from comfyui_dopsd.nodes.comfy_bridge import blocks, guided, lora_patch
+    from comfyui_dopsd.nodes.comfy_bridge import lora_patch, training
     clone = model.clone()
     net = lora_patch.build_network(clone, rank, float(rank), "auto", 0.0, 0.9999, False, 0)
     lora_patch.install(clone, net)
@@ -151,26 +149,17 @@ def pack_steps(model, pairs, env, steps: int, precision: str, checkpointing: boo
     cfg = TrainConfig(method="dopsd", steps=steps + 1, batch_size=env.world_size, rollout_sigmas=list(rollout),
                       loss_space="x0", precision=precision, seed=0)
 
-    @contextlib.contextmanager
-    def step_context():
-        with guided.training_flags():
-            handle = blocks.guard_blocks(clone, net, checkpointing)
-            try:
-                yield
-            finally:
-                handle.remove()
-
     times = []
     cuda = torch.cuda.is_available()
 
-    def after_step(step, loss):
+    def on_progress(p):
         if cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter())
 
-    trainer = distributed.DistributedTrainer(net, jobs.ComfyTask(clone, net, pairs, 0), cfg, env,
-                                             example_shape=lambda i: pairs[i].latent.shape,
-                                             step_context=step_context, after_step=after_step)
+    task = training.ComfyTask(clone, net, pairs, 0, checkpointing=checkpointing)  # guard / checkpointing inside
+    trainer = distributed.DistributedTrainer(net, task, cfg, env, example_shape=lambda i: pairs[i].latent.shape,
+                                             on_progress=on_progress)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     try:
@@ -179,7 +168,8 @@ def pack_steps(model, pairs, env, steps: int, precision: str, checkpointing: boo
     finally:
         lora_patch.uninstall(clone)
     peak = torch.cuda.max_memory_allocated() if cuda else None
-    per_step = (times[-1] - times[0]) / max(1, len(times) - 1)
+    # on_progress runs on rank 0 only (DistributedTrainer): the other ranks have no times
+    per_step = (times[-1] - times[0]) / max(1, len(times) - 1) if times else None
     return per_step, peak
 
 

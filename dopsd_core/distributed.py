@@ -127,7 +127,7 @@ class AgreedControl(TrainControl):
 
     @property
     def stop_requested(self) -> bool:
-        local = self._stop.is_set() or bool(self.should_stop and self.should_stop())
+        local = self._stop.is_set()
         if not self.env.active:
             return local
         flag = torch.tensor([1.0 if local else 0.0], device=_comm_device(self.env))
@@ -143,7 +143,7 @@ class DistributedTrainer(Trainer):
 
     cfg.batch_size: the global batch, a multiple of env.world_size (every rank gets the same share).
     example_shape(index) -> the shape of the example's target latent, used to replay the noise draws of examples another rank runs.
-    Only rank 0 keeps checkpoints (checkpoint_dir) and calls on_checkpoint / on_progress / on_preview.
+    Only rank 0 keeps checkpoints (checkpoint_dir) and calls on_progress.
     Raises RankFailure when a peer dies, TrainingDiverged on every rank when any rank's loss is not finite.
     """
 
@@ -154,7 +154,7 @@ class DistributedTrainer(Trainer):
                              f"use a multiple of {env.world_size} (e.g. {env.world_size * max(1, cfg.batch_size // env.world_size)})")
         if not env.is_main:
             checkpoint_dir = None
-            hooks = {k: v for k, v in hooks.items() if k not in ("on_progress", "on_checkpoint", "on_preview")}
+            hooks = {k: v for k, v in hooks.items() if k != "on_progress"}
         # one example per task.run call; the base class must not ask the task for run_batch
         super().__init__(net, task, dataclasses.replace(cfg, batch_size=1), checkpoint_dir=checkpoint_dir, **hooks)
         self.cfg, self.env, self.example_shape = cfg, env, example_shape
@@ -181,7 +181,7 @@ class DistributedTrainer(Trainer):
 
         x0 = torch.zeros(tuple(self.example_shape(index)))
         with torch.enable_grad():
-            self._compute(stand_in, stand_in, x0)
+            self.objective(stand_in, stand_in, x0)
         dummy.grad = None
 
     def _micro_step(self, batch: List[int]) -> float:
@@ -189,7 +189,7 @@ class DistributedTrainer(Trainer):
         mine, loss = set(self.my_positions(len(batch))), 0.0
         for position, index in enumerate(batch):
             if position in mine:
-                loss += self.task.run(index, self._compute).loss
+                loss += self.task.run(index, self.objective).loss
             else:
                 self._replay_draws(index)
         return loss
@@ -243,7 +243,7 @@ class DistributedTrainer(Trainer):
             finally:
                 del self.state_dict
         else:
-            super()._save()  # rank 0 only has a CheckpointManager and on_checkpoint
+            super()._save()  # rank 0 only has a CheckpointManager (checkpoint_dir)
         barrier(self.env, "the checkpoint barrier")
 
     def state_dict(self):

@@ -1,10 +1,13 @@
-"""The training loop shared by the ComfyUI trainer and the toy world.
+"""The training step shared by every host: the ComfyUI job (nodes/comfy_bridge/training.py), the torchrun
+launcher (scripts/dopsd_torchrun.py, through distributed.DistributedTrainer) and the toy world.
 
-The loop owns what every method has in common: data order and noise from one seeded generator,
-gradient accumulation, bf16 autocast, clipping, the NaN/inf guard, the optimizer and lr schedule,
-the EMA teacher update, checkpoints with exact resume, progress/preview callbacks and the cooperative
-stop/pause flags. The host supplies a `TrainTask`: how to build the student/teacher velocity functions
-for one training example and where it runs (ComfyUI runs each step inside its own sampling path).
+`Trainer` owns what every method has in common: data order and noise from one seeded generator, gradient
+accumulation, bf16 autocast, clipping, the NaN/inf guard, the optimizer and lr schedule, the EMA teacher update
+and the exact-resume state. The host supplies a `TrainTask`: how to build the student/teacher velocity
+functions for training examples and where they run (ComfyUI runs them inside its own sampling path).
+A host either calls `train()` (the loop below: stop/pause, one per-step callback, checkpoints in a folder)
+or drives the same pieces itself: `next_batch()`, `micro_step(batch)` / `objective`, `update(loss)` (the
+ComfyUI job does, to take ComfyUI's model turn around each step and save / preview between steps).
 
 One optimizer step = `grad_accum` micro-steps; each micro-step runs one batch through the method:
 - dopsd:      K student forward+backward and K teacher forwards on the student's own rollout (paper).
@@ -18,7 +21,7 @@ import time
 import uuid
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Protocol, Sequence
+from typing import Callable, Dict, List, Optional, Protocol, Sequence
 
 import torch
 
@@ -58,7 +61,6 @@ class TrainConfig:
     grad_clip: float = 1.0                   # official max_grad_norm 1.0; 0 disables clipping
     grad_accum: int = 1
     precision: str = "fp32"                  # bf16 = autocast; LoRA weights stay fp32 masters
-    grad_checkpointing: bool = False         # the host's hook (Trainer(grad_checkpointing=...)) is applied
     seed: int = 0
     ema_decay: Optional[float] = None        # None: keep the LoRANetwork's (default 0.9999, official scripts)
     ema_warmup: Optional[bool] = None        # None: keep the LoRANetwork's
@@ -66,7 +68,6 @@ class TrainConfig:
     sft_draws: Optional[int] = None          # SFT passes per example per step; None: K (same budget as D-OPSD)
     save_every: int = 0                      # checkpoint every N steps (0: only at the end/stop)
     keep_checkpoints: int = 3                # with Trainer(checkpoint_dir=...): newest N kept (0: all)
-    preview_every: int = 0                   # call on_preview every N steps (0: never)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -103,6 +104,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "TrainConfig":
+        """Unknown keys (settings of older versions, e.g. preview_every) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -146,50 +148,36 @@ class TrainResult:
     checkpoint: Optional[str] = None        # the last checkpoint this run wrote (with checkpoint_dir)
 
 
+class StepClock:
+    """Steps per second since the clock started (restarted after a pause: the rate over running time only)."""
+
+    def __init__(self, step: int):
+        self.started, self.start_step = time.perf_counter(), step
+
+    def rate(self, step: int) -> float:
+        return (step - self.start_step) / max(time.perf_counter() - self.started, 1e-9)
+
+
 class Trainer:
     """Runs `cfg.steps` optimizer steps of `cfg.method` on `net` over `task`, resumable at any step.
 
-    Host hooks (all optional):
-      control            TrainControl: stop/pause from other threads, checked between steps
-      on_progress(p)     after every step, p: Progress
-      on_checkpoint(s)   every cfg.save_every steps, at the end and on a saving stop (after the trainer
-                         wrote its own checkpoint when checkpoint_dir is set)
-      on_preview(s)      every cfg.preview_every steps (the host samples student/teacher images)
-      before_step(s) / after_step(s, loss)   around each optimizer step
-      step_context()     context manager entered around each step (ComfyUI: the model turn)
-      on_resume()        after a pause ended, before the next step (ComfyUI re-applies its patches)
-      grad_checkpointing() -> handle with .remove(): applied for the whole run when cfg.grad_checkpointing
-      sft_sigma_fn(batch, generator) -> sigma[B]: SFT noise levels for models not on the shifted
-                         discrete-flow table (default: ComfyUI's trainer draw with cfg.sft_shift)
-      checkpoint_dir     folder for step-numbered exact-resume checkpoints (keep cfg.keep_checkpoints)
+      control          TrainControl: stop/pause from other threads, checked between steps
+      on_progress(p)   the one per-step callback, after every step, p: Progress
+      checkpoint_dir   folder for step-numbered exact-resume checkpoints, written every cfg.save_every steps,
+                       at the end and on a saving stop (newest cfg.keep_checkpoints kept)
+    Raises TrainingDiverged (nothing applied, the last good checkpoint kept) on a non-finite loss or gradient.
     """
 
     def __init__(self, net: LoRANetwork, task: TrainTask, cfg: TrainConfig, control: Optional[TrainControl] = None,
-                 on_progress: Optional[Callable[[Progress], None]] = None,
-                 on_checkpoint: Optional[Callable[[int], None]] = None,
-                 step_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-                 on_resume: Optional[Callable[[], None]] = None, device=None, *,
-                 on_preview: Optional[Callable[[int], None]] = None,
-                 before_step: Optional[Callable[[int], None]] = None,
-                 after_step: Optional[Callable[[int, float], None]] = None,
-                 grad_checkpointing: Optional[Callable[[], Any]] = None,
-                 sft_sigma_fn: Optional[Callable[[int, torch.Generator], torch.Tensor]] = None,
-                 checkpoint_dir: Optional[str] = None):
+                 on_progress: Optional[Callable[[Progress], None]] = None, checkpoint_dir: Optional[str] = None):
         if len(task) == 0:
             raise ValueError("the training set is empty: add image-caption pairs")
         if cfg.batch_size > 1 and not hasattr(task, "run_batch"):
             raise ValueError(f"batch_size {cfg.batch_size} needs a task with run_batch(indices, compute); "
                              "use batch_size 1 with grad_accum for a larger effective batch")
-        if cfg.grad_checkpointing and grad_checkpointing is None:
-            raise ValueError("cfg.grad_checkpointing is set but no grad_checkpointing hook was given "
-                             "(e.g. lambda: grad_checkpoint.checkpoint_modules(model.blocks, net))")
         self.net, self.task, self.cfg = net, task, cfg
         self.control = control or TrainControl()
-        self.on_progress, self.on_checkpoint, self.on_preview = on_progress, on_checkpoint, on_preview
-        self.before_step, self.after_step = before_step, after_step
-        self.step_context, self.on_resume = step_context, on_resume
-        self.grad_checkpointing_hook, self.sft_sigma_fn = grad_checkpointing, sft_sigma_fn
-        self.device = device
+        self.on_progress = on_progress
         if cfg.ema_decay is not None:
             net.ema_decay = float(cfg.ema_decay)
         if cfg.ema_warmup is not None:
@@ -216,7 +204,9 @@ class Trainer:
         """Drawn on the CPU generator, then moved: the same noise on every device, and resumable."""
         return torch.randn(x0.shape, generator=self.generator).to(x0.device, x0.dtype)
 
-    def _compute(self, student: VelocityFn, teacher: Optional[VelocityFn], x0: torch.Tensor) -> objectives.StepResult:
+    def objective(self, student: VelocityFn, teacher: Optional[VelocityFn], x0: torch.Tensor) -> objectives.StepResult:
+        """cfg.method's loss on one batch (x0 [B, ...]) with noise from the trainer's generator; backward runs
+        inside (scaled by 1 / grad_accum), so gradients accumulate in the LoRA."""
         scale = 1.0 / self.cfg.grad_accum
         with self._autocast(x0.device):
             if self.cfg.method == "dopsd":
@@ -227,10 +217,7 @@ class Trainer:
             results = []
             for _ in range(draws):
                 noise = self._noise(x0)
-                if self.sft_sigma_fn is not None:
-                    sigma = self.sft_sigma_fn(x0.shape[0], self.generator)
-                else:
-                    sigma = sample_training_sigmas(x0.shape[0], self.cfg.sft_shift, self.generator)
+                sigma = sample_training_sigmas(x0.shape[0], self.cfg.sft_shift, self.generator)
                 results.append(objectives.sft_step(student, x0, noise, sigma, self.opts, scale / draws))
             return objectives.StepResult(sum(r.loss for r in results) / draws, [r.loss for r in results],
                                          [s for r in results for s in r.states])
@@ -240,18 +227,30 @@ class Trainer:
             return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _run_batch(self, batch: List[int]) -> objectives.StepResult:
+    def next_batch(self) -> List[int]:
+        """The example indices of the next micro-step: one bucket, seeded shuffle, every example once per epoch."""
+        return self.order.next()
+
+    def micro_step(self, batch: List[int]) -> float:
+        """The objective on examples `batch` (one bucket) through the task; returns the batch's mean loss."""
         if len(batch) == 1 and (self.cfg.batch_size == 1 or not hasattr(self.task, "run_batch")):
-            return self.task.run(batch[0], self._compute)
-        return self.task.run_batch(batch, self._compute)
+            return self.task.run(batch[0], self.objective).loss
+        return self.task.run_batch(batch, self.objective).loss
 
     # -- one optimizer step ------------------------------------------------------------------------
+    def zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=True)
+
     def train_step(self) -> float:
         """Accumulate grad_accum micro-steps, guard, clip, step, update the EMA teacher."""
-        self.optimizer.zero_grad(set_to_none=True)
+        self.zero_grad()
         loss = 0.0
         for _ in range(self.cfg.grad_accum):
-            loss += self._run_batch(self.order.next()).loss / self.cfg.grad_accum
+            loss += self.micro_step(self.next_batch()) / self.cfg.grad_accum
+        return self.update(loss)
+
+    def update(self, loss: float) -> float:
+        """After the micro-steps: clip, then the optimizer / lr schedule / EMA step (or TrainingDiverged)."""
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             raise RuntimeError("no LoRA parameter received a gradient: is the LoRA attached to the model that the "
@@ -284,48 +283,31 @@ class Trainer:
         checkpoint on disk and writes nothing)."""
         if self.checkpoints is not None:
             self.checkpoints.check_owner(self.run_id)
-        handle = self.grad_checkpointing_hook() if self.cfg.grad_checkpointing else None
-        try:
-            return self._loop()
-        finally:
-            if handle is not None:
-                handle.remove()
-
-    def _loop(self) -> TrainResult:
-        started, start_step = time.perf_counter(), self.step
+        clock = StepClock(self.step)
         while self.step < self.cfg.steps:
             if self.control.paused:
-                waited = self.control.wait_while_paused()
-                if waited and self.on_resume and not self.control.stop_requested:
-                    self.on_resume()
-                started, start_step = time.perf_counter(), self.step  # rate over running time only
+                self.control.wait_while_paused()
+                clock = StepClock(self.step)  # rate over running time only
             if self.control.stop_requested:
                 if self.control.save_on_stop and self.step > 0:
                     self._save()
                 return TrainResult(self.step, self.losses, stopped=True, checkpoint=self.last_checkpoint)
-            if self.before_step:
-                self.before_step(self.step)
-            with self.step_context():
-                loss = self.train_step()
-            if self.after_step:
-                self.after_step(self.step, loss)
+            loss = self.train_step()
             if self.on_progress:
-                rate = (self.step - start_step) / max(time.perf_counter() - started, 1e-9)
-                self.on_progress(Progress(self.step, self.cfg.steps, loss, self.scheduler.get_last_lr()[0], rate,
-                                          (self.cfg.steps - self.step) / max(rate, 1e-9), self.grad_norm,
-                                          self.order.epoch))
+                self.on_progress(self.progress(loss, clock))
             if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.steps:
                 self._save()
-            if self.cfg.preview_every and self.on_preview and self.step % self.cfg.preview_every == 0:
-                self.on_preview(self.step)
         self._save()
         return TrainResult(self.step, self.losses, stopped=False, checkpoint=self.last_checkpoint)
+
+    def progress(self, loss: float, clock: "StepClock") -> Progress:
+        rate = clock.rate(self.step)
+        return Progress(self.step, self.cfg.steps, loss, self.scheduler.get_last_lr()[0], rate,
+                        (self.cfg.steps - self.step) / max(rate, 1e-9), self.grad_norm, self.order.epoch)
 
     def _save(self):
         if self.checkpoints is not None:
             self.last_checkpoint = self.checkpoints.save(self)
-        if self.on_checkpoint:
-            self.on_checkpoint(self.step)
 
     # -- exact resume ------------------------------------------------------------------------------
     def state_dict(self) -> Dict:
@@ -356,7 +338,7 @@ class Trainer:
                              f"rank {ranks[0]}; build the network with the checkpoint's rank")
         current = self.cfg.to_dict()
         changed = [k for k, v in state["config"].items()
-                   if k not in ("steps", "save_every", "keep_checkpoints", "preview_every") and current.get(k, v) != v]
+                   if k not in ("steps", "save_every", "keep_checkpoints") and current.get(k, v) != v]
         if changed:
             warnings.warn(f"resuming with settings that differ from the checkpoint's: {', '.join(changed)}; "
                           "the continuation will not match an uninterrupted run")
@@ -378,12 +360,3 @@ class Trainer:
         from .checkpoint import load_checkpoint
         load_checkpoint(path, self)
         return self
-
-
-def run_training(net: LoRANetwork, task: TrainTask, cfg: TrainConfig, resume_from: Optional[str] = None,
-                 **hooks) -> TrainResult:
-    """Build a Trainer, optionally resume it, train. `hooks` are Trainer's keyword arguments."""
-    trainer = Trainer(net, task, cfg, **hooks)
-    if resume_from:
-        trainer.resume(resume_from)
-    return trainer.train()

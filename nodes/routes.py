@@ -1,4 +1,5 @@
-"""HTTP routes for jobs (see docs/architecture.md): list, status, pause, resume, stop."""
+"""HTTP routes for jobs (see docs/architecture.md): list, status, pause, resume, stop. Every answer about a job is
+its `events.JobStatus` (Job.status()), the type the `dopsd.state` event carries too."""
 import json
 
 from aiohttp import web

@@ -15,7 +15,6 @@ import posixpath
 import time
 
 import comfy.model_management
-import comfy.samplers
 import folder_paths
 import torch
 from comfy_api.latest import io
@@ -23,9 +22,8 @@ from comfy_api.latest import io
 from ..dopsd_core import schedules
 from ..dopsd_core.train import METHODS, PRECISIONS, TrainConfig
 from . import CATEGORY, jobs, routes, teacher_nodes
-from .comfy_bridge import families, lora_patch, model_checks, turns
+from .comfy_bridge import families, lora_patch, model_checks, training, turns
 from .paths import inside, resume_path
-from .schedule_nodes import flux2_sigmas
 from .teacher_nodes import Pairs
 
 Job = io.Custom("DOPSD_JOB")
@@ -34,12 +32,7 @@ routes.register_with_server()
 
 def inference_sigmas(model, steps: int, schedule: str, latent: torch.Tensor) -> torch.Tensor:
     """The few-step schedule users sample with; training rolls out on (a subset of) the same sigmas."""
-    if schedule == "auto":
-        schedule = families.default_schedule(model)
-    if schedule == "flux2":
-        scale = families.pixels_per_latent(latent)
-        return flux2_sigmas(steps, latent.shape[-1] * scale, latent.shape[-2] * scale).float().cpu()
-    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps).float().cpu()
+    return families.latent_sigmas(model, steps, schedule, latent)
 
 
 def normalise_save_prefix(save_prefix: str) -> str:
@@ -195,6 +188,10 @@ class DOPSDTrainer(io.ComfyNode):
                 io.String.Input("resume_from", default="", optional=True,
                                 tooltip="A job id from output/dopsd_jobs (or <job id>/training_state.pt) to continue "
                                         "exactly; the job keeps its save_prefix."),
+                io.Int.Input("batch_size", default=1, min=1, max=64, optional=True,
+                             tooltip="Pairs per micro-step, run through the model as one batch. Only pairs with the "
+                                     "same image size and caption token length share a batch (a smaller batch "
+                                     "otherwise). grad_accum multiplies it."),
             ],
             outputs=[Job.Output(display_name="job")],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
@@ -232,7 +229,7 @@ class DOPSDTrainer(io.ComfyNode):
     def execute(cls, model, pairs, method, steps, inference_steps, train_steps, schedule, loss_space, rank, alpha,
                 learning_rate, ema_decay, ema_warmup, detach_states, precision, grad_accum, grad_clip,
                 gradient_checkpointing, seed, save_prefix, save_every, preview_every, targets, vae=None,
-                resume_from="") -> io.NodeOutput:
+                resume_from="", batch_size=1) -> io.NodeOutput:
         node_id = str(getattr(cls.hidden, "unique_id", None) or "") if getattr(cls, "hidden", None) else ""
         prompt = getattr(cls.hidden, "prompt", None) if getattr(cls, "hidden", None) else None
         origin = (graph_signature(prompt, node_id), model, pairs)
@@ -251,13 +248,15 @@ class DOPSDTrainer(io.ComfyNode):
         if users:
             raise ValueError(_clash_message(save_prefix, users))
         teacher_nodes.require_visible_teacher(model, pairs)
+        training.check_batchable(pairs, batch_size)
         resume_from = resume_path(resume_from)
         save_prefix = check_save_prefix(save_prefix, overwrite=bool(resume_from))
         infer = inference_sigmas(model, inference_steps, schedule, pairs[0].latent)
         rollout = schedules.rollout_sigmas(infer, train_steps)
         cfg = TrainConfig(method=method, steps=steps, rollout_sigmas=[float(s) for s in rollout],
                           loss_space=loss_space, detach_states=detach_states, lr=learning_rate, precision=precision,
-                          grad_accum=grad_accum, grad_clip=grad_clip, seed=seed, save_every=save_every)
+                          grad_accum=grad_accum, grad_clip=grad_clip, seed=seed, save_every=save_every,
+                          batch_size=batch_size)
         clone = model.clone()
         with torch.inference_mode(False):  # the executor runs nodes in inference mode; LoRA weights must train
             net = lora_patch.build_network(clone, rank, alpha, targets, 0.0, ema_decay, ema_warmup, seed)
@@ -328,7 +327,7 @@ class DOPSDTeacherPreview(io.ComfyNode):
         model_checks.require_condition_width(pair.teacher, model, "teacher")
         teacher_nodes.require_visible_teacher(model, [pair])
         sigmas = inference_sigmas(model, steps, schedule, pair.latent)
-        out = jobs.sample_pair(model, None, pair, sigmas, seed)
+        out = training.sample_pair(model, None, pair, sigmas, seed)
         student, teacher = (teacher_nodes.decode_images(vae, out[m]) for m in ("student", "teacher"))
         target = pair.image[:, :, :, :3].to(student.device, student.dtype)
         if target.shape[1:3] != student.shape[1:3]:

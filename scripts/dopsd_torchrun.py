@@ -7,7 +7,8 @@
 
 ComfyUI is used as a library (no server): its loader builds the diffusion model from the file, and every
 prediction runs through the same ComfyUI sampling path and the same pack code as the trainer node
-(nodes/jobs.ComfyTask, lora_patch, blocks), so a 1-process run equals the node's run step for step.
+(nodes/comfy_bridge/training.ComfyTask, lora_patch, blocks), so a 1-process run equals the node's run step for
+step.
 The data-parallel mechanics are dopsd_core.distributed; `--full` fine-tunes every weight instead (FSDP2,
 dopsd_core.full_finetune) and writes a diffusion-model file for UNETLoader. docs/scaling.md has the whole picture.
 Plain `python scripts/dopsd_torchrun.py ...` runs one process.
@@ -179,8 +180,8 @@ def main(argv=None) -> int:
 
     from comfyui_dopsd.dopsd_core import distributed, exported_set, lora_io
     from comfyui_dopsd.dopsd_core.train import TrainConfig, TrainingDiverged
-    from comfyui_dopsd.nodes import export_nodes, jobs
-    from comfyui_dopsd.nodes.comfy_bridge import blocks, guided, lora_patch
+    from comfyui_dopsd.nodes import export_nodes
+    from comfyui_dopsd.nodes.comfy_bridge import lora_patch, training
     from comfyui_dopsd.nodes.pairs import Pair
     del pack
 
@@ -216,16 +217,8 @@ def main(argv=None) -> int:
     else:
         net = lora_patch.build_network(clone, rank, alpha, targets, 0.0, ema_decay, False, args.seed)
         lora_patch.install(clone, net)
-    task = jobs.ComfyTask(clone, net, pairs, args.seed)
-
-    @contextlib.contextmanager
-    def step_context():  # the trainer node's step context, without the server's turn-taking
-        with guided.training_flags():
-            handle = blocks.guard_blocks(clone, net, args.gradient_checkpointing)
-            try:
-                yield
-            finally:
-                handle.remove()
+    # the trainer node's micro-step (training flags, block guard / checkpointing inside), without the server's turns
+    task = training.ComfyTask(clone, net, pairs, args.seed, checkpointing=args.gradient_checkpointing)
 
     def on_progress(p):
         log(f"step {p.step}/{p.total} loss {p.loss:.6f} lr {p.lr:.3g} grad_norm {p.grad_norm:.4f} "
@@ -236,8 +229,7 @@ def main(argv=None) -> int:
         signal.signal(sig, lambda *_: control.stop(save=True))
     ckpt_dir = args.checkpoint_dir or (out[:-len(".safetensors")] if out.endswith(".safetensors") else out) + ".checkpoints"
     trainer = distributed.DistributedTrainer(net, task, cfg, env, example_shape=data.latent_shape,
-                                             checkpoint_dir=ckpt_dir, control=control, on_progress=on_progress,
-                                             step_context=step_context)
+                                             checkpoint_dir=ckpt_dir, control=control, on_progress=on_progress)
     what = (("full fine-tuning, FSDP2-sharded" if net.sharded else "full fine-tuning") if args.full
             else f"{len(net.loras)} LoRA modules (rank {rank})")
     log(f"D-OPSD {method} on {env.world_size} rank(s), global batch {cfg.batch_size}, {len(pairs)} pairs, "

@@ -259,8 +259,9 @@ def test_job_whose_teacher_equals_its_student_stops_with_the_reason(N, flux2):
     job, _ = start_job(N, model, blind, steps=20)
     assert wait_state(job, ("finished", "error")) == "error"
     assert "identical for the first 3 steps" in job.error and job.step == 3
-    N.jobs.refuse_blind_teacher("sft", [[1, 0.0], [2, 0.0], [3, 0.0]])  # sft has no teacher
-    N.jobs.refuse_blind_teacher("dopsd", [[1, 0.0], [2, 1e-9], [3, 0.0]])
+    from comfyui_dopsd.nodes.comfy_bridge.training import refuse_blind_teacher
+    refuse_blind_teacher("sft", [[1, 0.0], [2, 0.0], [3, 0.0]])  # sft has no teacher
+    refuse_blind_teacher("dopsd", [[1, 0.0], [2, 1e-9], [3, 0.0]])
 
 
 def test_toy_world_at_another_resolution_says_32(N):

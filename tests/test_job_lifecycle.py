@@ -263,3 +263,46 @@ def test_family_rules_in_one_module(N, zimage):
     assert families.hidden_width(flux2) == F.TINY_FLUX2["hidden_size"]
     assert families.pixels_per_latent(torch.zeros(1, 128, 4, 4)) == 16
     assert families.pixels_per_latent(torch.zeros(1, 16, 8, 8)) == 8
+
+
+def test_schedule_rules_live_only_in_families(N, zimage):
+    """The few-step schedule node and the trainer take 'auto' from families.py (issue 12: schedule_nodes.py had its
+    own is_flux2); no other module under nodes/ tells FLUX.2 apart."""
+    import pathlib
+
+    from comfyui_dopsd.nodes import schedule_nodes, trainer_nodes
+    from comfyui_dopsd.nodes.comfy_bridge import families
+    model, _, _ = zimage
+    with executor_mode():
+        flux2 = F.build_tiny_flux2(seed=0)
+    for m, latent in ((model, torch.zeros(1, 16, 8, 8)), (flux2, torch.zeros(1, 128, 4, 4))):
+        node = schedule_nodes.DOPSDFewStepSigmas.execute(m, 4, "auto", 64, 64)[0]
+        torch.testing.assert_close(node, trainer_nodes.inference_sigmas(m, 4, "auto", latent))
+        torch.testing.assert_close(node, families.sampling_sigmas(m, 4, families.default_schedule(m), 64, 64))
+    flux2_node = schedule_nodes.DOPSDFewStepSigmas.execute(flux2, 4, "auto", 64, 64)[0]
+    assert not torch.equal(flux2_node, schedule_nodes.DOPSDFewStepSigmas.execute(flux2, 4, "simple", 64, 64)[0])
+    root = pathlib.Path(families.__file__).parents[1]
+    offenders = [str(p.relative_to(root)) for p in root.rglob("*.py") if p.name != "families.py"
+                 and any(s in p.read_text() for s in ("def is_flux2", "supported_models.Flux2", "== 128"))]
+    assert offenders == [], offenders
+
+
+def test_job_status_contract_is_defined_once_and_documented_from_it(N, zimage, pairs, monkeypatch):
+    """Job.status(), the events and docs/architecture.md all come from nodes/events.py (issue 12)."""
+    import pathlib
+
+    from comfyui_dopsd.nodes import events
+    model, _, vae = zimage
+    sent = []
+    monkeypatch.setattr(events, "send", lambda event, data: (events.check(event, data), sent.append((event, data))))
+    job, _ = start_job(N, model, pairs, vae=vae, steps=2, preview_every=2)
+    job.use_turns = False
+    assert wait_state(job, ("finished", "error")) == "finished", job.error
+    job.wait(30)
+    assert list(job.status()) == events.fields(events.JobStatus)
+    assert {e for e, _ in sent} == set(events.EVENTS), [e for e, _ in sent]
+    assert set(job.status()["previews"]) == set(events.fields(events.Previews))
+    with pytest.raises(ValueError, match="differ from JobStatus"):
+        events.check("dopsd.state", {"job_id": "x"})
+    docs = (pathlib.Path(events.__file__).parents[1] / "docs" / "architecture.md").read_text()
+    assert events.contract_markdown() in docs

@@ -67,6 +67,39 @@ def pixels_per_latent(latent: torch.Tensor) -> int:
     return 16 if latent.shape[1] == 128 else 8
 
 
+def flux2_sigmas(steps: int, width: int, height: int) -> torch.Tensor:
+    """ComfyUI's Flux2Scheduler (resolution-dependent shift) when the host has it, else the pack's identical
+    reimplementation (dopsd_core.schedules.flux2_sigmas, tested equal)."""
+    try:
+        from comfy_extras.nodes_flux import Flux2Scheduler
+    except ImportError:
+        Flux2Scheduler = None
+    if Flux2Scheduler is not None:
+        return Flux2Scheduler.execute(steps=steps, width=width, height=height)[0]
+    from ...dopsd_core.schedules import flux2_sigmas as own
+
+    return own(steps, width, height)
+
+
+def sampling_sigmas(model, steps: int, schedule: str, width: int, height: int) -> torch.Tensor:
+    """The few-step schedule (steps + 1 sigmas, float32, CPU) the family samples with. schedule: auto (the
+    family's default_schedule) | simple (ComfyUI's `simple` over the model's model_sampling, e.g. Z-Image-Turbo's
+    shift 3) | flux2. width / height in pixels (only flux2's shift depends on them)."""
+    import comfy.samplers
+
+    if schedule == "auto":
+        schedule = default_schedule(model)
+    if schedule == "flux2":
+        return flux2_sigmas(steps, width, height).float().cpu()
+    return comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", steps).float().cpu()
+
+
+def latent_sigmas(model, steps: int, schedule: str, latent: torch.Tensor) -> torch.Tensor:
+    """sampling_sigmas for the image size a VAE-space latent [B, C, h, w] stands for."""
+    scale = pixels_per_latent(latent)
+    return sampling_sigmas(model, steps, schedule, latent.shape[-1] * scale, latent.shape[-2] * scale)
+
+
 def hidden_width(model) -> int:
     """Width of the residual stream of the DiT (Z-Image `dim`, Flux `hidden_size`, Qwen-Image `inner_dim`)."""
     unet = getattr(model.model.model_config, "unet_config", {}) or {}

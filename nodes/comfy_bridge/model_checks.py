@@ -1,8 +1,5 @@
 """Checks that turn a wrong graph into an error that names the fix, before any training starts."""
 import comfy.model_sampling
-import comfy.supported_models  # noqa: F401  (kept for callers that patch it)
-
-from . import families
 
 FLOW_HELP = ("D-OPSD trains flow-matching few-step models (Z-Image-Turbo, FLUX.2-klein, SD3, Qwen-Image, ...). "
              "Load one of those, or a ModelSamplingAuraFlow/SD3-patched flow model")
@@ -15,10 +12,6 @@ def require_flow_model(model):
         kind = type(ms).__name__
         raise ValueError(f"this model uses {kind} (an eps/v-prediction model such as SD1.5/SDXL): {FLOW_HELP}")
     return ms
-
-
-def is_flux2(model) -> bool:
-    return families.is_flux2(model)
 
 
 def context_width(model):
