@@ -66,6 +66,7 @@ class ComfyTask:
         self.attachment = attachment
         self.checkpointing, self.precision = checkpointing, precision
         self.memory_required: Dict[tuple, int] = {}
+        self.setup = None  # recipe_bridge.ExampleSetup: per-example caption variant and rollout states
 
     def __len__(self):
         return len(self.pairs)
@@ -91,8 +92,9 @@ class ComfyTask:
             grads = [None if p.grad is None else p.grad.clone() for p in params]
             self._load(pair)
             outcome = {"lost": False}
+            conds = self.setup.begin(index) if self.setup is not None else None
             try:
-                result = self._run_once(pair, compute, outcome)
+                result = self._run_once(pair, compute, outcome, conds)
             except Exception:
                 if not outcome["lost"]:
                     raise
@@ -105,7 +107,7 @@ class ComfyTask:
                             "step again with the LoRA re-attached", attempt, MAX_STEP_ATTEMPTS)
         raise ModelLost(f"the model was unloaded during {MAX_STEP_ATTEMPTS} tries of one training step")
 
-    def _run_once(self, pair: Pair, compute, outcome: dict):
+    def _run_once(self, pair: Pair, compute, outcome: dict, conds=None):
         net, attachment = self.net, self.attachment
 
         def body(model_wrap, model_options, latent, noise):
@@ -121,8 +123,8 @@ class ComfyTask:
             finally:  # (guider.sample itself ejects and re-injects around sampling, which is harmless)
                 outcome["lost"] = attachment is not None and attachment.ejections != outcome["ejections"]
 
-        return guided.run_guided(self.model, {"positive": pair.student, "teacher": pair.teacher}, pair.latent,
-                                 body, seed=self.seed)
+        return guided.run_guided(self.model, conds or {"positive": pair.student, "teacher": pair.teacher},
+                                 pair.latent, body, seed=self.seed)
 
 
 def _image_ref(images: torch.Tensor, job_id: str, name: str) -> dict:
@@ -210,6 +212,8 @@ class Job:
         self.attachment = None
         self.done = threading.Event()
         self.test_hook = None  # tests: called before every step (e.g. to simulate a crash)
+        self.setup = None      # recipe_bridge.ExampleSetup (set by the trainer node)
+        self.recipe_info: dict = {}  # the recipe and what it set: in the status and the LoRA metadata
         self.job_dir = os.path.join(folder_paths.get_output_directory(), "dopsd_jobs", self.job_id)
         self.thread = threading.Thread(target=self._run, name=f"dopsd-job-{self.job_id}", daemon=True)
 
@@ -227,7 +231,7 @@ class Job:
                 "method": self.cfg.method, "state": self.state, "step": self.step, "total_steps": self.cfg.steps,
                 "loss": self.loss, "its_per_sec": self.its_per_sec, "eta_s": self.eta_s, "losses": list(losses),
                 "error": self.error, "checkpoints": list(self.checkpoints), "lora_path": self.lora_path,
-                "previews": self.previews}
+                "previews": self.previews, "recipe": self.recipe_info}
 
     def _set_state(self, state: str, error: Optional[str] = None):
         self.state = state
@@ -263,7 +267,7 @@ class Job:
 
     def metadata(self) -> dict:
         return lora_io.lora_metadata(self.cfg.method, self.base_model_name, self.net.loras[0].rank,
-                                     self.net.loras[0].alpha, self.step, self.cfg.to_dict())
+                                     self.net.loras[0].alpha, self.step, self.cfg.to_dict(), **self.recipe_info)
 
     def save_lora(self, path: str, overwrite: bool = False) -> str:
         with self._snapshot_lock():
@@ -350,6 +354,8 @@ class Job:
                          self.gradient_checkpointing, self.cfg.precision)
         self.trainer = Trainer(self.net, task, self.cfg, control=self.control, on_progress=self._on_progress,
                                on_checkpoint=self._checkpoint, step_context=self._step_context)
+        if self.setup is not None:  # recipes: caption variants and per-example states (recipe_bridge.py)
+            self.setup.pairs, self.setup.trainer, task.setup = self.pairs, self.trainer, self.setup
         if self.resume_from:
             try:
                 ckpt.load_checkpoint(self.resume_from, self.trainer)

@@ -20,10 +20,9 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..dopsd_core import schedules
 from ..dopsd_core.train import METHODS, PRECISIONS, TrainConfig
-from . import CATEGORY, jobs, routes, teacher_nodes
-from .comfy_bridge import families, lora_patch, model_checks, turns
+from . import CATEGORY, jobs, recipe_bridge, routes, teacher_nodes
+from .comfy_bridge import families, model_checks, turns
 from .paths import inside, resume_path
 from .schedule_nodes import flux2_sigmas
 from .teacher_nodes import Pairs
@@ -160,6 +159,7 @@ class DOPSDTrainer(io.ComfyNode):
                 io.Model.Input("model"),
                 Pairs.Input("pairs"),
                 io.Vae.Input("vae", optional=True, tooltip="For student/teacher preview images during training."),
+                *recipe_bridge.inputs(),
                 io.Combo.Input("method", options=list(METHODS), default="dopsd",
                                tooltip="dopsd: on-policy self-distillation (paper). sft: plain flow-matching "
                                        "fine-tuning. off_policy: teacher supervision on noised targets."),
@@ -232,7 +232,7 @@ class DOPSDTrainer(io.ComfyNode):
     def execute(cls, model, pairs, method, steps, inference_steps, train_steps, schedule, loss_space, rank, alpha,
                 learning_rate, ema_decay, ema_warmup, detach_states, precision, grad_accum, grad_clip,
                 gradient_checkpointing, seed, save_prefix, save_every, preview_every, targets, vae=None,
-                resume_from="") -> io.NodeOutput:
+                resume_from="", recipe=recipe_bridge.recipes.CUSTOM, **options) -> io.NodeOutput:
         node_id = str(getattr(cls.hidden, "unique_id", None) or "") if getattr(cls, "hidden", None) else ""
         prompt = getattr(cls.hidden, "prompt", None) if getattr(cls, "hidden", None) else None
         origin = (graph_signature(prompt, node_id), model, pairs)
@@ -253,21 +253,39 @@ class DOPSDTrainer(io.ComfyNode):
         teacher_nodes.require_visible_teacher(model, pairs)
         resume_from = resume_path(resume_from)
         save_prefix = check_save_prefix(save_prefix, overwrite=bool(resume_from))
-        infer = inference_sigmas(model, inference_steps, schedule, pairs[0].latent)
-        rollout = schedules.rollout_sigmas(infer, train_steps)
-        cfg = TrainConfig(method=method, steps=steps, rollout_sigmas=[float(s) for s in rollout],
-                          loss_space=loss_space, detach_states=detach_states, lr=learning_rate, precision=precision,
-                          grad_accum=grad_accum, grad_clip=grad_clip, seed=seed, save_every=save_every)
+        given = dict(method=method, steps=steps, inference_steps=inference_steps, train_steps=train_steps,
+                     schedule=schedule, loss_space=loss_space, rank=rank, alpha=alpha, learning_rate=learning_rate,
+                     ema_decay=ema_decay, ema_warmup=ema_warmup, detach_states=detach_states, precision=precision,
+                     grad_accum=grad_accum, grad_clip=grad_clip, gradient_checkpointing=gradient_checkpointing,
+                     targets=targets, **recipe_bridge.option_values(options))
+        settings, lines = recipe_bridge.resolve(recipe, given, model, pairs)
+        if settings["train_steps"] < 1 or settings["inference_steps"] % settings["train_steps"]:
+            raise ValueError(f"train_steps ({settings['train_steps']}) must divide inference_steps "
+                             f"({settings['inference_steps']})")
+        infer = inference_sigmas(model, settings["inference_steps"], settings["schedule"], pairs[0].latent)
+        rollout = recipe_bridge.rollout_states(model, settings, pairs[0].latent, inference_sigmas)
+        cfg = TrainConfig(method=settings["method"], steps=settings["steps"],
+                          rollout_sigmas=[float(s) for s in rollout], loss_space=settings["loss_space"],
+                          detach_states=settings["detach_states"], lr=settings["learning_rate"],
+                          weight_decay=settings["weight_decay"], lr_schedule=settings["lr_schedule"],
+                          precision=settings["precision"], grad_accum=settings["grad_accum"],
+                          batch_size=settings["batch_size"], grad_clip=settings["grad_clip"], seed=seed,
+                          save_every=save_every)
         clone = model.clone()
         with torch.inference_mode(False):  # the executor runs nodes in inference mode; LoRA weights must train
-            net = lora_patch.build_network(clone, rank, alpha, targets, 0.0, ema_decay, ema_warmup, seed)
+            net = recipe_bridge.build_network(clone, settings, seed)
         base_name = type(getattr(model.model, "model_config", model.model)).__name__
         job = jobs.Job(clone, net, pairs, cfg, node_id=node_id, prompt_id=current_prompt_id(), vae=vae,
                        inference_sigmas=infer, preview_every=preview_every, save_prefix=save_prefix,
                        base_model_name=base_name, resume_from=resume_from or "",
-                       gradient_checkpointing=gradient_checkpointing, origin=origin)
+                       gradient_checkpointing=settings["gradient_checkpointing"], origin=origin)
+        job.setup = recipe_bridge.ExampleSetup(
+            pairs, seed, settings["caption_sampling"], settings.get("caption_dropout_override"),
+            (lambda latent: recipe_bridge.rollout_states(model, settings, latent, inference_sigmas))
+            if settings["schedule_shift"] == "per_example" else None)
+        job.recipe_info = recipe_bridge.job_info(recipe, settings, rollout)
         job.start()
-        return io.NodeOutput({"job_id": job.job_id}, ui={"dopsd_job": [job.job_id]})
+        return io.NodeOutput({"job_id": job.job_id}, ui={"dopsd_job": [job.job_id], "text": ["\n".join(lines)]})
 
 
 class DOPSDWaitForJob(io.ComfyNode):
