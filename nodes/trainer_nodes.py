@@ -159,7 +159,6 @@ class DOPSDTrainer(io.ComfyNode):
                 io.Model.Input("model"),
                 Pairs.Input("pairs"),
                 io.Vae.Input("vae", optional=True, tooltip="For student/teacher preview images during training."),
-                *recipe_bridge.inputs(),
                 io.Combo.Input("method", options=list(METHODS), default="dopsd",
                                tooltip="dopsd: on-policy self-distillation (paper). sft: plain flow-matching "
                                        "fine-tuning. off_policy: teacher supervision on noised targets."),
@@ -195,6 +194,9 @@ class DOPSDTrainer(io.ComfyNode):
                 io.String.Input("resume_from", default="", optional=True,
                                 tooltip="A job id from output/dopsd_jobs (or <job id>/training_state.pt) to continue "
                                         "exactly; the job keeps its save_prefix."),
+                # last, so that workflows saved before them keep their widget values (the frontend maps them
+                # by position)
+                *recipe_bridge.inputs(),
             ],
             outputs=[Job.Output(display_name="job")],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
@@ -206,8 +208,11 @@ class DOPSDTrainer(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, save_prefix, train_steps, inference_steps, resume_from="", ema_decay=0.9999, alpha=16.0,
-                        grad_clip=1.0, learning_rate=1e-4):
-        if train_steps < 1 or inference_steps % train_steps:
+                        grad_clip=1.0, learning_rate=1e-4, recipe=recipe_bridge.recipes.CUSTOM):
+        if recipe not in recipe_bridge.recipes.NAMES:
+            return f"unknown recipe {recipe!r}: choose one of {', '.join(recipe_bridge.recipes.NAMES)}"
+        official = recipe != recipe_bridge.recipes.CUSTOM  # its own steps replace these inputs
+        if not official and (train_steps < 1 or inference_steps % train_steps):
             return (f"train_steps ({train_steps}) must divide inference_steps ({inference_steps}) so the rollout "
                     "stays on the sampler's schedule")
         for name, value in (("ema_decay", ema_decay), ("alpha", alpha), ("grad_clip", grad_clip),

@@ -358,3 +358,10 @@ def test_caption_dropout_rate_and_the_official_recipe_turning_it_off(N, jsonl, p
     assert "reference_latents" in dropped[0]["teacher"][0][1]  # the teacher still sees the image
     off, _ = drawn_sequence(N, pairs, seed=1, steps=80, dropout=0.0)  # an official recipe: no dropout
     assert all(c != "" for c, _ in off)
+
+
+def test_validation_checks_the_recipe_name_and_leaves_covered_inputs_to_an_official_recipe(N, R):
+    validate = N.trainer_nodes.DOPSDTrainer.validate_inputs
+    assert "unknown recipe 'paper'" in validate("", 3, 8, recipe="paper")
+    assert "must divide" in validate("", 3, 8, recipe=R.CUSTOM)
+    assert validate("", 3, 8, recipe=R.ZIMAGE) is True  # the recipe's 4 of 8 replace them
