@@ -173,8 +173,12 @@ def ema_decay_at(decay: float, warmup: bool, step: int) -> float:
 class LoRANetwork(nn.Module):
     """All LoRA modules of one model, the student/teacher/off switch and the EMA teacher update."""
 
-    def __init__(self, modules: Dict[str, LoRAModule], ema_decay: float = 0.9999, ema_warmup: bool = False):
+    def __init__(self, modules: Dict[str, LoRAModule], ema_decay: float = 0.9999, ema_warmup: bool = False,
+                 part_keys: Optional[Callable[[str, str], str]] = None):
+        """part_keys(module name, part) -> the file key of one part of a split module (without
+        '.lora_up.weight'); default: '<prefix><parent>.<part>', the part as a sibling of the fused module."""
         super().__init__()
+        self.part_keys = part_keys
         self.names: List[str] = sorted(modules)
         self.loras = nn.ModuleList([modules[n] for n in self.names])
         for m in self.loras:
@@ -188,7 +192,8 @@ class LoRANetwork(nn.Module):
                    targets: Sequence[str] = ("*",), exclude: Sequence[str] = (), dropout: float = 0.0,
                    init: str = "default", dtype=torch.float32, device=None, ema_decay: float = 0.9999,
                    ema_warmup: bool = False, seed: Optional[int] = None, types=(nn.Linear,),
-                   split: Optional[Dict[str, Sequence[str]]] = None) -> "LoRANetwork":
+                   split: Optional[Dict[str, Sequence[str]]] = None,
+                   part_keys: Optional[Callable[[str, str], str]] = None) -> "LoRANetwork":
         """Build LoRA modules for every matching Linear of `root` (names are `root`'s module names).
         split: {glob: part names}: matching fused Linears get one LoRA per part (see LoRAModule)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -198,7 +203,15 @@ class LoRANetwork(nn.Module):
             parts = next((p for pattern, p in (split or {}).items() if fnmatch.fnmatchcase(name, pattern)), None)
             mods[name] = LoRAModule(m.in_features, m.out_features, rank, alpha, dropout, init, dtype,
                                     device if device is not None else m.weight.device, gen, parts)
-        return cls(mods, ema_decay, ema_warmup)
+        return cls(mods, ema_decay, ema_warmup, part_keys)
+
+    def _key(self, prefix: str, name: str, part: str) -> str:
+        """The file key (without '.lora_up.weight') of module `name`, or of one of its parts."""
+        if not part:
+            return prefix + name
+        if self.part_keys is not None:
+            return self.part_keys(name, part)
+        return prefix + name.rsplit(".", 1)[0] + "." + part
 
     def __getitem__(self, name: str) -> LoRAModule:
         return self.loras[self.names.index(name)]
@@ -270,7 +283,7 @@ class LoRANetwork(nn.Module):
         sd = {}
         for name, m in self.items():
             for part, down, up in m.part_factors(which):
-                key = prefix + (name.rsplit(".", 1)[0] + "." + part if part else name)
+                key = self._key(prefix, name, part)
                 sd[key + ".lora_up.weight"] = up.detach().to(dtype or up.dtype).clone().contiguous()
                 sd[key + ".lora_down.weight"] = down.detach().to(dtype or down.dtype).clone().contiguous()
                 sd[key + ".alpha"] = torch.tensor(m.alpha)
@@ -283,8 +296,7 @@ class LoRANetwork(nn.Module):
 
         A resized module gets new Parameter objects: load before building a Trainer/optimizer on `net`.
         Loading into both student and teacher (the default) is the warm start for continuing a LoRA."""
-        expected = {prefix + (n.rsplit(".", 1)[0] + "." + part if part else n)
-                    for n, m in self.items() for part in (m.parts or ("",))}
+        expected = {self._key(prefix, n, part) for n, m in self.items() for part in (m.parts or ("",))}
         present = {k.rsplit(".lora_", 1)[0] for k in sd if ".lora_up.weight" in k or ".lora_down.weight" in k}
         if strict and present != expected:
             missing, extra = sorted(expected - present), sorted(present - expected)
@@ -320,12 +332,11 @@ class LoRANetwork(nn.Module):
                 m.ema_up.copy_(up)
 
 
-    @staticmethod
-    def _load_parts(sd, prefix: str, name: str, m: LoRAModule, into: Iterable[str]):
+    def _load_parts(self, sd, prefix: str, name: str, m: LoRAModule, into: Iterable[str]):
         """Per-part keys into a block-diagonal module; each part must have the module's rank and alpha."""
         r, rows = m.rank, m.out_features // len(m.parts)
         for i, part in enumerate(m.parts):
-            key = prefix + name.rsplit(".", 1)[0] + "." + part
+            key = self._key(prefix, name, part)
             if key + ".lora_up.weight" not in sd:
                 continue
             up, down = sd[key + ".lora_up.weight"], sd[key + ".lora_down.weight"]

@@ -24,9 +24,21 @@ OPTIONS = {
     "schedule_shift": {"first pair (pack)": "first_pair", "per example (official)": "per_example"},
     "caption_sampling": {"draw one per epoch": "draw", "first caption": "first"},
 }
-# Z-Image's fused attention.qkv holds to_q/to_k/to_v, which ComfyUI's loader maps onto its rows
-# (comfy.utils.z_image_to_diffusers); a separate-q/k/v LoRA is saved under those names.
-SPLIT_QKV = {"zimage": {"*attention.qkv": ("to_q", "to_k", "to_v")}}
+# ComfyUI fuses q, k and v into one Linear; a separate-q/k/v LoRA is saved under the diffusers names that
+# ComfyUI's loader maps onto the fused weight's rows: Z-Image's attention.to_q/to_k/to_v beside attention.qkv
+# (comfy.utils.z_image_to_diffusers), Flux2's transformer.transformer_blocks.N.attn.to_q/.../add_v_proj
+# (comfy.utils.flux_to_diffusers, the "transformer." LoRA keys of comfy.lora.model_lora_keys_unet).
+SPLIT_QKV = {"zimage": {"*attention.qkv": ("to_q", "to_k", "to_v")},
+             "flux2": {"double_blocks.*.img_attn.qkv": ("to_q", "to_k", "to_v"),
+                       "double_blocks.*.txt_attn.qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}}
+
+
+def _flux2_part_key(name: str, part: str) -> str:
+    """double_blocks.N.img_attn.qkv + to_q -> transformer.transformer_blocks.N.attn.to_q"""
+    return f"transformer.transformer_blocks.{name.split('.')[1]}.attn.{part}"
+
+
+PART_KEYS = {"flux2": _flux2_part_key}
 
 
 def inputs():
@@ -36,8 +48,8 @@ def inputs():
                                   "the authors' script sets (listed on the node after a run, with sources in "
                                   "docs/nodes.md) and ignores the inputs it covers.")]
     tips = {"lora_init": "LoRA down-projection init; both start at a zero delta.",
-            "qkv": "Z-Image: one LoRA over ComfyUI's fused qkv, or one rank-r LoRA each for q, k, v (saved as "
-                   "to_q/to_k/to_v keys ComfyUI's loader maps onto the fused weight).",
+            "qkv": "One LoRA over ComfyUI's fused qkv, or one rank-r LoRA each for q, k, v (Z-Image, klein; saved "
+                   "under the diffusers names ComfyUI's loader maps onto the fused weight).",
             "rollout": "klein: train on the sampler's states (1, .967, .908, .767 at 1024^2, 4 steps) or on the "
                        "official script's (1, .952, .832, .0098).",
             "schedule_shift": "flux2 schedule: shift from the first pair's size, or from each example's.",
@@ -118,11 +130,13 @@ def job_info(name: str, settings: dict, rollout) -> dict:
 
 def build_network(model, settings: dict, seed: int) -> LoRANetwork:
     """The job's LoRA: targets, rank/alpha, init and (Z-Image) separate q/k/v from the settings."""
-    split = SPLIT_QKV.get(families.family(model)) if settings.get("qkv") == "separate" else None
+    family = families.family(model)
+    split = SPLIT_QKV.get(family) if settings.get("qkv") == "separate" else None
     return LoRANetwork.for_module(model.model.diffusion_model, rank=settings["rank"], alpha=settings["alpha"],
                                   targets=lora_patch.parse_targets(settings["targets"], model),
                                   init=settings.get("lora_init", "default"), ema_decay=settings["ema_decay"],
-                                  ema_warmup=settings["ema_warmup"], seed=seed, device="cpu", split=split)
+                                  ema_warmup=settings["ema_warmup"], seed=seed, device="cpu", split=split,
+                                  part_keys=PART_KEYS.get(family) if split else None)
 
 
 def host_flux2_scheduler_sigmas(steps: int, width: int, height: int) -> torch.Tensor:

@@ -456,7 +456,7 @@ async (spec) => {
   app.canvas.ds.scale = 0.6;
   const { workflow } = await app.graphToPrompt();
   workflow.extra = { ...(workflow.extra || {}), ds: { scale: 0.6, offset: [140, 190] } };
-  return workflow;
+  return JSON.stringify(workflow);  // what "Save" writes: undefined fields left out (Playwright may send them as null)
 }
 """
 
@@ -513,7 +513,7 @@ def build_all(server_url, page, thumbnails_to=None):
              timeout=90, message="ComfyUI frontend")
     out = {}
     for name, make in WORKFLOWS_SPEC.items():
-        wf = page.evaluate(f"({BUILD_JS})({json.dumps(prepare_spec(make()))})")
+        wf = json.loads(page.evaluate(f"({BUILD_JS})({json.dumps(prepare_spec(make()))})"))
         wf.pop("id", None)  # a fresh id is made when the file is opened
         out[name] = wf
         if thumbnails_to is not None:

@@ -125,6 +125,11 @@ def test_klein_recipe_trains_only_the_double_stream_attention(N, R, flux2):
     net = N.recipe_bridge.build_network(model, settings_for(N, R, R.KLEIN, model), seed=0)
     assert set(net.names) == official
     assert all("double_blocks" in n and "_attn." in n for n in net.names)
+    saved = {k.rsplit(".lora_", 1)[0] for k in net.comfy_state_dict() if ".lora_up." in k}
+    # q/k/v as separate LoRAs under diffusers' names, which ComfyUI's loader maps onto the fused rows
+    assert {k for k in saved if k.startswith("transformer.")} == {
+        f"transformer.transformer_blocks.{i}.attn.{p}" for i in range(cfg["depth"])
+        for p in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj")}
     # the pack's choice (an option: targets "auto") also trains the MLPs and the single-stream blocks
     pack = N.recipe_bridge.build_network(model, settings_for(N, R, R.CUSTOM, model), seed=0)
     assert official < set(pack.names) and any(n.startswith("single_blocks") for n in pack.names)
@@ -138,43 +143,55 @@ def test_gaussian_init_has_std_one_over_rank(pack):
     assert float(k.down.detach().abs().max()) <= 1 / 4096 ** 0.5 and abs(float(k.down.detach().std()) - 1 / (3 * 4096) ** 0.5) < 1e-3
 
 
-def test_separate_qkv_lora_loads_in_comfyui_and_gives_the_trained_output(N, R, zimage, caplog):
+@pytest.mark.parametrize("family", ["zimage", "klein"])
+def test_separate_qkv_lora_loads_in_comfyui_and_gives_the_trained_output(N, R, zimage, flux2, family, caplog):
     """ComfyUI's own loader maps the saved to_q/to_k/to_v keys onto the fused qkv: same output as training."""
     import comfy.lora
-    net = N.recipe_bridge.build_network(zimage, dict(settings_for(N, R, R.ZIMAGE, zimage), rank=4, alpha=8.0),
-                                        seed=1)
+    model = zimage if family == "zimage" else flux2[0]
+    recipe = R.ZIMAGE if family == "zimage" else R.KLEIN
+    net = N.recipe_bridge.build_network(model, dict(settings_for(N, R, recipe, model), rank=4, alpha=8.0), seed=1)
+    assert any(m.parts for m in net.loras)
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for m in net.loras:
             m.up.copy_(torch.randn(m.up.shape, generator=gen) * 0.05)  # the mask keeps the blocks apart
     sd = net.comfy_state_dict()
-    dm = zimage.model.diffusion_model
-    x = torch.randn(1, 16, 8, 8, generator=gen)
+    if family == "zimage":
+        x, extra = torch.randn(1, 16, 8, 8, generator=gen), {"num_tokens": 5}
+        ctx = torch.randn(1, 5, F.ZIMAGE_TE_HIDDEN, generator=gen)
+    else:
+        x, extra = torch.randn(1, 128, 4, 4, generator=gen), {}
+        ctx = torch.randn(1, 5, F.TINY_FLUX2["context_in_dim"], generator=gen)
+        assert "transformer.transformer_blocks.0.attn.add_v_proj.lora_up.weight" in sd
     sigma = torch.tensor([0.7])
-    ctx = torch.randn(1, 5, F.ZIMAGE_TE_HIDDEN, generator=gen)
     with torch.no_grad(), executor_mode():
-        base = zimage.model.apply_model(x, sigma, c_crossattn=ctx, num_tokens=5)
-        handle = net.attach(dm)
+        base = model.model.apply_model(x, sigma, c_crossattn=ctx, **extra)
+        handle = net.attach(model.model.diffusion_model)
         try:
             with net.mode("student"):
-                trained = zimage.model.apply_model(x, sigma, c_crossattn=ctx, num_tokens=5)
+                trained = model.model.apply_model(x, sigma, c_crossattn=ctx, **extra)
         finally:
             handle.remove()
-        key_map = comfy.lora.model_lora_keys_unet(zimage.model, {})
+        key_map = comfy.lora.model_lora_keys_unet(model.model, {})
         with caplog.at_level(logging.WARNING):
             patches = comfy.lora.load_lora(sd, key_map)
         assert "lora key not loaded" not in caplog.text
         assert {k[0] if isinstance(k, tuple) else k for k in patches} == {f"diffusion_model.{n}.weight"
                                                                           for n in net.names}
-        patched = zimage.clone()
+        patched = model.clone()
         patched.add_patches(patches, 1.0)
         patched.patch_model()
         try:
-            loaded = patched.model.apply_model(x, sigma, c_crossattn=ctx, num_tokens=5)
+            loaded = patched.model.apply_model(x, sigma, c_crossattn=ctx, **extra)
         finally:
             patched.unpatch_model()
     assert not torch.allclose(trained, base, atol=1e-4)
     torch.testing.assert_close(loaded, trained, rtol=1e-4, atol=1e-5)
+    # and back: the file loads into a fresh network of the same layout
+    again = N.recipe_bridge.build_network(model, dict(settings_for(N, R, recipe, model), rank=4, alpha=8.0), seed=9)
+    again.load_comfy_state_dict(sd)
+    for a, b in zip(net.loras, again.loras):
+        assert all(torch.equal(x, y) for x, y in zip(a.factors("student"), b.factors("student")))
 
 
 # -- rollout states ----------------------------------------------------------------------------------------
