@@ -267,6 +267,7 @@ def test_klein_recipe_on_the_trainer_sets_every_knob_and_records_it(N, R, flux2,
         (3001, 2e-5, "x0", 4, 1, "bf16")
     assert job.net.loras[0].rank == 64 and job.net.loras[0].alpha == 128.0
     assert job.setup.drawn and job.setup.drawn[0][2] == "a red sks circle"  # the step went through the hook
+    assert job.step >= 1 and len(job.setup.drawn) == 4 * job.step  # effective batch 4: 4 examples per update
     st = job.status()["recipe"]
     assert st["recipe"] == R.KLEIN and st["recipe_settings"]["rollout"] == "scheduler"
     from safetensors import safe_open
@@ -274,6 +275,35 @@ def test_klein_recipe_on_the_trainer_sets_every_knob_and_records_it(N, R, flux2,
         meta = f.metadata()
     assert meta["dopsd.recipe"] == R.KLEIN
     assert json.loads(meta["dopsd.recipe_settings"])["teacher_prompt"] == "caption_then_instruction"
+
+
+def test_zimage_recipe_on_the_trainer_saves_separate_q_k_v_that_comfyui_loads(N, R, zimage, tmp_path):
+    import comfy.lora
+    import folder_paths
+    from comfyui_dopsd.nodes.pairs import Pair
+    gen = torch.Generator().manual_seed(0)
+
+    def cond(tokens):
+        return [[torch.randn(1, tokens, F.ZIMAGE_TE_HIDDEN, generator=gen), {}]]
+    pairs = [Pair("a sks cat", cond(6), cond(9), torch.zeros(1, 16, 8, 8), images(1))]
+    old = folder_paths.folder_names_and_paths["loras"]
+    folder_paths.folder_names_and_paths["loras"] = ([str(tmp_path)], old[1])
+    try:
+        job, out = run_recipe_job(N, zimage, pairs, R.ZIMAGE, save_prefix="zimage_recipe", steps=3, rank=2)
+        wait_state(job, ("running", "error", "finished"))
+        job.stop(save=True)
+        assert wait_state(job, ("stopped", "error", "finished")) == "stopped", job.error
+    finally:
+        folder_paths.folder_names_and_paths["loras"] = old
+    assert [round(s, 4) for s in job.cfg.rollout_sigmas] == ZIMAGE_STATES
+    assert (job.cfg.steps, job.cfg.lr, job.cfg.grad_accum) == (2000, 1e-4, 4)
+    from safetensors.torch import load_file
+    sd = load_file(job.lora_path)
+    assert "diffusion_model.layers.0.attention.to_q.lora_down.weight" in sd
+    assert sd["diffusion_model.layers.0.attention.to_q.lora_down.weight"].shape[0] == 64
+    assert not any(".attention.qkv." in k for k in sd)
+    patches = comfy.lora.load_lora(sd, comfy.lora.model_lora_keys_unet(zimage.model, {}))
+    assert len(patches) == len({k.rsplit(".lora_", 1)[0] for k in sd if k.endswith("lora_up.weight")})
 
 
 def test_klein_recipe_refuses_the_wrong_family_and_the_wrong_prompt_order(N, R, zimage, flux2, klein_sets):
