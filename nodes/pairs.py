@@ -22,15 +22,17 @@ class Pair:
     caption_dropout: float = 0.0           # the dataset's dropout rate (the empty variant is in `variants`)
 
 
-def make_pair(item: dict, latent: torch.Tensor, encode: Callable[[str], tuple]) -> Pair:
+def make_pair(item: dict, latent, encode: Callable[[str], tuple]) -> Pair:
     """A Pair for a dataset item; encode(caption) -> (student, teacher, teacher_prompt). Encodes the item's
     main caption, each alternative caption (item["captions"]) and, with item["caption_dropout"] > 0, the
-    empty caption; each distinct text once."""
+    empty caption; each distinct text once. `latent`: the target's latent, or a callable giving it after the
+    captions are encoded (so the teacher encoder's own checks speak first)."""
     captions = list(dict.fromkeys([item["caption"], *item.get("captions", ())]))
     dropout = float(item.get("caption_dropout", 0.0) or 0.0)
     if dropout > 0 and "" not in captions:
         captions.append("")
     variants = tuple((c, *encode(c)) for c in captions)
+    latent = latent() if callable(latent) else latent
     caption, student, teacher, teacher_prompt = variants[0]
     return Pair(caption, student, teacher, latent, item["image"], teacher_prompt,
                 variants if len(variants) > 1 else (), dropout)

@@ -164,7 +164,7 @@ class DOPSDTeacherNativeVLM(io.ComfyNode):
                                      "a VLM text encoder (e.g. Qwen-Image's qwen_2.5_vl), or the Reference Latent / "
                                      "VLM Splice teacher")
                 return encode_text(clip, caption), clip.encode_from_tokens_scheduled(tokens), caption
-            return make_pair(item, encode_latent(vae, item["image"]), encode)
+            return make_pair(item, lambda: encode_latent(vae, item["image"]), encode)
         return _outputs(_each_once(dataset, make))
 
 
