@@ -9,6 +9,7 @@ an active job or by a trainer in a queued prompt is refused (at validation where
 """
 import hashlib
 import json
+import logging
 import math
 import os
 import posixpath
@@ -289,6 +290,7 @@ class DOPSDTrainer(io.ComfyNode):
             (lambda latent: recipe_bridge.rollout_states(model, settings, latent, inference_sigmas))
             if settings["schedule_shift"] == "per_example" else None)
         job.recipe_info = recipe_bridge.job_info(recipe, settings, rollout)
+        logging.info("D-OPSD job %s trains with %s", job.job_id, "\n".join(lines))
         job.start()
         return io.NodeOutput({"job_id": job.job_id}, ui={"dopsd_job": [job.job_id], "text": ["\n".join(lines)]})
 
