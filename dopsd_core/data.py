@@ -331,14 +331,26 @@ def example_rng(seed: int, epoch: int, index: int, purpose: str = "") -> random.
     return random.Random(f"dopsd:{purpose}:{seed}:{epoch}:{index}")
 
 
+def draw_variant(seed: int, epoch: int, index: int, count: int, dropout: float = 0.0) -> Optional[int]:
+    """Which of `count` captions example `index` trains with in `epoch` (uniform, as the official sampler's
+    random.choice over its caption fields), or None when caption dropout drops it (probability `dropout`).
+    A pure function of its arguments, so a resumed run draws the same sequence."""
+    if count < 1:
+        raise ValueError("an example needs at least one caption")
+    if not 0.0 <= dropout <= 1.0:
+        raise ValueError(f"caption dropout must be in [0, 1], got {dropout}")
+    rng = example_rng(seed, epoch, index, "caption")
+    choice = rng.randrange(count) if count > 1 else 0
+    return None if dropout > 0 and rng.random() < dropout else choice
+
+
 def choose_caption(example: Example, seed: int = 0, epoch: int = 0, index: int = 0, trigger: str = "",
                    dropout: float = 0.0, placeholder: str = TRIGGER_PLACEHOLDER) -> str:
     """The caption an example trains with in an epoch: one of its alternatives, trigger applied, maybe
     dropped (empty) with probability `dropout`. Deterministic in (seed, epoch, index)."""
-    rng = example_rng(seed, epoch, index, "caption")
     options = example.all_captions()
-    caption = options[rng.randrange(len(options))] if len(options) > 1 else options[0]
-    return caption_dropout(apply_trigger(caption, trigger, placeholder), dropout, rng)
+    choice = draw_variant(seed, epoch, index, len(options), dropout)
+    return "" if choice is None else apply_trigger(options[choice], trigger, placeholder)
 
 
 def bucket_sizes(resolution: int, step: int = 64, max_aspect: float = 2.0) -> List[Tuple[int, int]]:

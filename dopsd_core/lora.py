@@ -26,16 +26,30 @@ class LoRAModule(nn.Module):
     """Low-rank delta `scale * up @ down` for one [out, in] weight, plus its EMA (teacher) copy."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, alpha: float, dropout: float = 0.0,
-                 init: str = "default", dtype=torch.float32, device=None, generator=None):
+                 init: str = "default", dtype=torch.float32, device=None, generator=None,
+                 parts: Optional[Sequence[str]] = None):
+        """parts: names of equal row blocks of a fused weight (e.g. ("to_q", "to_k", "to_v") for a fused qkv
+        Linear): one independent rank-`rank` LoRA per block, as the official code trains q, k and v, instead
+        of one LoRA over the whole weight. Stored as one block-diagonal pair (down [n*r, in], up [out, n*r]
+        with its off-diagonal blocks held at zero), so EMA, hooks and optimizers see two tensors as usual."""
         super().__init__()
         if rank < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {rank}")
         if init not in INITS:
             raise ValueError(f"unknown LoRA init {init!r}; choose one of {INITS}")
+        self.parts = tuple(parts or ())
+        n = max(1, len(self.parts))
+        if out_features % n:
+            raise ValueError(f"a {out_features}-row weight cannot be split into {n} equal parts {self.parts}")
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.alpha = float(alpha)
-        self.down = nn.Parameter(torch.empty(rank, in_features, dtype=dtype, device=device))
-        self.up = nn.Parameter(torch.empty(out_features, rank, dtype=dtype, device=device))
+        self.down = nn.Parameter(torch.empty(rank * n, in_features, dtype=dtype, device=device))
+        self.up = nn.Parameter(torch.empty(out_features, rank * n, dtype=dtype, device=device))
+        if self.parts:
+            block = torch.ones(out_features // n, rank, dtype=dtype, device=device)
+            self.register_buffer("up_mask", torch.block_diag(*[block] * n), persistent=False)
+        else:
+            self.up_mask = None
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters(init, generator)
         self.register_buffer("ema_down", self.down.detach().clone())
@@ -48,10 +62,14 @@ class LoRAModule(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, init: str = "default", generator=None):
-        """Start with a zero delta: 'default' (PEFT) and 'gaussian' zero `up`; 'comfy' zeroes `down`."""
+        """Start with a zero delta: 'default' (PEFT) and 'gaussian' zero `up`; 'comfy' zeroes `down`.
+        'gaussian' is PEFT's init_lora_weights="gaussian" (down ~ N(0, (1/r)^2)), the official scripts' choice
+        (ema_utils.py, init_dual_lora_transformer); 'default' is PEFT's kaiming-uniform."""
         if init == "comfy":
             bound = 1.0 / math.sqrt(self.rank)
             self.up.copy_(torch.rand(self.up.shape, generator=generator) * 2 * bound - bound)
+            if self.up_mask is not None:
+                self.up.mul_(self.up_mask)
             self.down.zero_()
             return
         if init == "gaussian":
@@ -62,11 +80,23 @@ class LoRAModule(nn.Module):
         self.up.zero_()
 
     def factors(self, mode: str):
+        """(down, up) of the student or the EMA teacher (None for 'off'); up is block-diagonal for parts."""
         if mode == "student":
-            return self.down, self.up
-        if mode == "teacher":
-            return self.ema_down, self.ema_up
-        return None
+            down, up = self.down, self.up
+        elif mode == "teacher":
+            down, up = self.ema_down, self.ema_up
+        else:
+            return None
+        return down, (up if self.up_mask is None else up * self.up_mask)
+
+    def part_factors(self, mode: str):
+        """[(part name or "", down [r, in], up [out/n, r])]: what a file stores, one entry per part."""
+        down, up = self.factors(mode)
+        if not self.parts:
+            return [("", down, up)]
+        n, r, rows = len(self.parts), self.rank, self.out_features // len(self.parts)
+        return [(name, down[i * r:(i + 1) * r], up[i * rows:(i + 1) * rows, i * r:(i + 1) * r])
+                for i, name in enumerate(self.parts)]
 
     def mode(self) -> str:
         return self.network.current_mode if self.network is not None else "student"
@@ -143,8 +173,12 @@ def ema_decay_at(decay: float, warmup: bool, step: int) -> float:
 class LoRANetwork(nn.Module):
     """All LoRA modules of one model, the student/teacher/off switch and the EMA teacher update."""
 
-    def __init__(self, modules: Dict[str, LoRAModule], ema_decay: float = 0.9999, ema_warmup: bool = False):
+    def __init__(self, modules: Dict[str, LoRAModule], ema_decay: float = 0.9999, ema_warmup: bool = False,
+                 part_keys: Optional[Callable[[str, str], str]] = None):
+        """part_keys(module name, part) -> the file key of one part of a split module (without
+        '.lora_up.weight'); default: '<prefix><parent>.<part>', the part as a sibling of the fused module."""
         super().__init__()
+        self.part_keys = part_keys
         self.names: List[str] = sorted(modules)
         self.loras = nn.ModuleList([modules[n] for n in self.names])
         for m in self.loras:
@@ -157,15 +191,27 @@ class LoRANetwork(nn.Module):
     def for_module(cls, root: nn.Module, rank: int = 8, alpha: Optional[float] = None,
                    targets: Sequence[str] = ("*",), exclude: Sequence[str] = (), dropout: float = 0.0,
                    init: str = "default", dtype=torch.float32, device=None, ema_decay: float = 0.9999,
-                   ema_warmup: bool = False, seed: Optional[int] = None, types=(nn.Linear,)) -> "LoRANetwork":
-        """Build LoRA modules for every matching Linear of `root` (names are `root`'s module names)."""
+                   ema_warmup: bool = False, seed: Optional[int] = None, types=(nn.Linear,),
+                   split: Optional[Dict[str, Sequence[str]]] = None,
+                   part_keys: Optional[Callable[[str, str], str]] = None) -> "LoRANetwork":
+        """Build LoRA modules for every matching Linear of `root` (names are `root`'s module names).
+        split: {glob: part names}: matching fused Linears get one LoRA per part (see LoRAModule)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         alpha = float(rank if alpha is None else alpha)
         mods = {}
         for name, m in find_targets(root, targets, exclude, types).items():
+            parts = next((p for pattern, p in (split or {}).items() if fnmatch.fnmatchcase(name, pattern)), None)
             mods[name] = LoRAModule(m.in_features, m.out_features, rank, alpha, dropout, init, dtype,
-                                    device if device is not None else m.weight.device, gen)
-        return cls(mods, ema_decay, ema_warmup)
+                                    device if device is not None else m.weight.device, gen, parts)
+        return cls(mods, ema_decay, ema_warmup, part_keys)
+
+    def _key(self, prefix: str, name: str, part: str) -> str:
+        """The file key (without '.lora_up.weight') of module `name`, or of one of its parts."""
+        if not part:
+            return prefix + name
+        if self.part_keys is not None:
+            return self.part_keys(name, part)
+        return prefix + name.rsplit(".", 1)[0] + "." + part
 
     def __getitem__(self, name: str) -> LoRAModule:
         return self.loras[self.names.index(name)]
@@ -229,16 +275,18 @@ class LoRANetwork(nn.Module):
 
     def comfy_state_dict(self, prefix: str = "diffusion_model.", which: str = "student",
                          dtype=None) -> Dict[str, torch.Tensor]:
-        """ComfyUI/kohya keys: <prefix><module>.lora_up.weight [out,r], .lora_down.weight [r,in], .alpha."""
+        """ComfyUI/kohya keys: <prefix><module>.lora_up.weight [out,r], .lora_down.weight [r,in], .alpha.
+        A module with parts writes one LoRA per part under the sibling name <parent>.<part> (Z-Image:
+        attention.to_q/to_k/to_v, which ComfyUI's loader maps onto the fused attention.qkv rows)."""
         if which not in ("student", "teacher"):
             raise ValueError("which must be 'student' or 'teacher'")
         sd = {}
         for name, m in self.items():
-            down, up = m.factors(which)
-            key = prefix + name
-            sd[key + ".lora_up.weight"] = up.detach().to(dtype or up.dtype).clone().contiguous()
-            sd[key + ".lora_down.weight"] = down.detach().to(dtype or down.dtype).clone().contiguous()
-            sd[key + ".alpha"] = torch.tensor(m.alpha)
+            for part, down, up in m.part_factors(which):
+                key = self._key(prefix, name, part)
+                sd[key + ".lora_up.weight"] = up.detach().to(dtype or up.dtype).clone().contiguous()
+                sd[key + ".lora_down.weight"] = down.detach().to(dtype or down.dtype).clone().contiguous()
+                sd[key + ".alpha"] = torch.tensor(m.alpha)
         return sd
 
     @torch.no_grad()
@@ -248,7 +296,7 @@ class LoRANetwork(nn.Module):
 
         A resized module gets new Parameter objects: load before building a Trainer/optimizer on `net`.
         Loading into both student and teacher (the default) is the warm start for continuing a LoRA."""
-        expected = {prefix + n for n in self.names}
+        expected = {self._key(prefix, n, part) for n, m in self.items() for part in (m.parts or ("",))}
         present = {k.rsplit(".lora_", 1)[0] for k in sd if ".lora_up.weight" in k or ".lora_down.weight" in k}
         if strict and present != expected:
             missing, extra = sorted(expected - present), sorted(present - expected)
@@ -256,6 +304,9 @@ class LoRANetwork(nn.Module):
                            f"missing {missing[:5]}{' ...' if len(missing) > 5 else ''}, "
                            f"unexpected {extra[:5]}{' ...' if len(extra) > 5 else ''}")
         for name, m in self.items():
+            if m.parts:
+                self._load_parts(sd, prefix, name, m, into)
+                continue
             key = prefix + name
             if key + ".lora_up.weight" not in sd:
                 continue
@@ -279,6 +330,24 @@ class LoRANetwork(nn.Module):
             if "teacher" in into:
                 m.ema_down.copy_(down)
                 m.ema_up.copy_(up)
+
+
+    def _load_parts(self, sd, prefix: str, name: str, m: LoRAModule, into: Iterable[str]):
+        """Per-part keys into a block-diagonal module; each part must have the module's rank and alpha."""
+        r, rows = m.rank, m.out_features // len(m.parts)
+        for i, part in enumerate(m.parts):
+            key = self._key(prefix, name, part)
+            if key + ".lora_up.weight" not in sd:
+                continue
+            up, down = sd[key + ".lora_up.weight"], sd[key + ".lora_down.weight"]
+            alpha = float(sd[key + ".alpha"]) if key + ".alpha" in sd else float(down.shape[0])
+            if tuple(up.shape) != (rows, r) or tuple(down.shape) != (r, m.in_features) or alpha != m.alpha:
+                raise ValueError(f"LoRA {key} has up{tuple(up.shape)} down{tuple(down.shape)} alpha {alpha}; this "
+                                 f"network trains it at rank {r}, alpha {m.alpha}: build it with the file's rank")
+            for role, (d, u) in (("student", (m.down, m.up)), ("teacher", (m.ema_down, m.ema_up))):
+                if role in into:
+                    d[i * r:(i + 1) * r].copy_(down)
+                    u[i * rows:(i + 1) * rows, i * r:(i + 1) * r].copy_(up)
 
 
 def _make_hook(lora: LoRAModule):

@@ -24,20 +24,43 @@ def _to_tensor(image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
 
 
-def _prepare(images_and_captions, trigger: str, resolution: int):
+def _prepare(images_and_captions, trigger: str, resolution: int, caption_dropout: float = 0.0):
     """Resize each image to its aspect bucket and apply the trigger word. Repeated examples (kohya
     repeats) are given as the same PIL image object and become the same item object, so they cost no
-    memory and the teacher nodes encode them once."""
+    memory and the teacher nodes encode them once.
+
+    images_and_captions: (image, caption) or (image, caption, alternatives); an item gets "captions" (all
+    alternatives, trigger applied: the trainer draws one per epoch) and "caption_dropout" when set."""
     buckets = data.bucket_sizes(resolution, step=64 if resolution >= 256 else 16)
     items, done = [], {}
-    for image, caption in images_and_captions:
-        key = (id(image), caption)
+    for image, caption, *rest in images_and_captions:
+        alternatives = tuple(rest[0]) if rest else ()
+        key = (id(image), caption, alternatives)
         if key not in done:
             size = data.nearest_bucket(image.width, image.height, buckets)
-            done[key] = {"image": _to_tensor(data.resize_to_bucket(image, size)),
-                         "caption": data.apply_trigger(caption, trigger)}
+            item = {"image": _to_tensor(data.resize_to_bucket(image, size)),
+                    "caption": data.apply_trigger(caption, trigger)}
+            if len(alternatives) > 1:
+                item["captions"] = tuple(data.apply_trigger(c, trigger) for c in alternatives)
+            if caption_dropout > 0:
+                item["caption_dropout"] = float(caption_dropout)
+            done[key] = item
         items.append(done[key])
     return items
+
+
+def _caption_keys(text: str):
+    """The JSONL caption fields to draw from: comma-separated names, or '' for the official eight."""
+    keys = [k.strip() for k in (text or "").split(",") if k.strip()]
+    return keys or None
+
+
+def caption_dropout_input():
+    return io.Float.Input(
+    "caption_dropout", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+    tooltip="Probability that a training step uses an empty caption (student and teacher; the teacher still "
+            "sees the image). The teacher node then also encodes the empty caption. 0: never (the official "
+            "scripts). An official recipe on the trainer uses 0 whatever this says.")
 
 
 def dataset_path(folder: str) -> str:
@@ -50,10 +73,10 @@ def jsonl_roots(path: str) -> list:
     return comfy_roots("input") + [os.path.dirname(path)]
 
 
-def load_examples(path: str):
+def load_examples(path: str, caption_fields: str = ""):
     """Examples of a folder or JSONL dataset, repeats expanded; what was skipped is logged by name."""
     if path.lower().endswith(".jsonl") and os.path.isfile(path):
-        return data.load_jsonl(path, roots=jsonl_roots(path))
+        return data.load_jsonl(path, caption_keys=_caption_keys(caption_fields), roots=jsonl_roots(path))
     return data.expand_repeats(data.load_folder(path))
 
 
@@ -70,7 +93,13 @@ class DOPSDDatasetFromFolder(io.ComfyNode):
                                 tooltip="Folder (or .jsonl file) relative to ComfyUI/input."),
                 io.String.Input("trigger", default="", tooltip="Replaces [trigger] in captions; otherwise prepended."),
                 io.Int.Input("resolution", default=512, min=32, max=4096, step=32,
-                             tooltip="Training area is about resolution^2; each image goes to its aspect bucket."),
+                             tooltip="Training area is about resolution^2; each image goes to its aspect bucket. "
+                                     "The official scripts train at about 1 MP (1024)."),
+                io.String.Input("caption_fields", default="", optional=True,
+                                tooltip="JSONL only: comma-separated caption fields to draw one from per epoch, "
+                                        "e.g. short_en,detailed_en. Empty: the official eight (short/medium/"
+                                        "detailed/user_prompt x en/zh) that a row has."),
+                caption_dropout_input(),
             ],
             outputs=[Dataset.Output(display_name="dataset")],
         )
@@ -96,15 +125,15 @@ class DOPSDDatasetFromFolder(io.ComfyNode):
         return data.fingerprint(data.dataset_files(path, jsonl_roots(path)))
 
     @classmethod
-    def execute(cls, folder, trigger, resolution) -> io.NodeOutput:
+    def execute(cls, folder, trigger, resolution, caption_fields="", caption_dropout=0.0) -> io.NodeOutput:
         path = dataset_path(folder)
-        examples = load_examples(path)
+        examples = load_examples(path, caption_fields)
         opened = {}
         for e in examples:
             if e.image_path not in opened:
                 opened[e.image_path] = data.open_image(e.image_path)
-        pairs = [(opened[e.image_path], e.caption) for e in examples]
-        return io.NodeOutput(_prepare(pairs, trigger, resolution))
+        pairs = [(opened[e.image_path], e.caption, e.captions) for e in examples]
+        return io.NodeOutput(_prepare(pairs, trigger, resolution, caption_dropout))
 
 
 def _flat(x):
@@ -154,12 +183,14 @@ class DOPSDDatasetFromImages(io.ComfyNode):
                 io.Mask.Input("mask", optional=True,
                               tooltip="LoadImage's MASK (1 = transparent): transparent pixels become white, "
                                       "as in the folder dataset."),
+                caption_dropout_input(),
             ],
             outputs=[Dataset.Output(display_name="dataset")],
         )
 
     @classmethod
-    def execute(cls, images, captions, trigger, resolution, mask=None) -> io.NodeOutput:
+    def execute(cls, images, captions, trigger, resolution, mask=None, caption_dropout=None) -> io.NodeOutput:
+        caption_dropout = float(_flat(caption_dropout)[0]) if caption_dropout is not None else 0.0
         images = [images] if isinstance(images, torch.Tensor) else _flat(images)
         masks = None if mask is None else ([mask] if isinstance(mask, torch.Tensor) else _flat(mask))
         texts = [str(c) for c in _flat(captions)]
@@ -181,7 +212,7 @@ class DOPSDDatasetFromImages(io.ComfyNode):
         from PIL import Image
         pil = [Image.fromarray((f.cpu().numpy() * 255).round().astype(np.uint8)) for f in frames]
         caps = lines * len(frames) if len(lines) == 1 else lines
-        return io.NodeOutput(_prepare(list(zip(pil, caps)), trigger, resolution))
+        return io.NodeOutput(_prepare(list(zip(pil, caps)), trigger, resolution, caption_dropout))
 
 
 NODES = [DOPSDDatasetFromFolder, DOPSDDatasetFromImages]

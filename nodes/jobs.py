@@ -68,6 +68,7 @@ class Job:
         self.result = None     # dopsd_core TrainResult (step, losses, stopped) once the training returned
         self.done = threading.Event()
         self.test_hook = None  # tests: called with the job inside the model turn before every step
+        self.recipe_info: dict = {}  # recipe_bridge.job_info: the recipe and what it set (status, LoRA metadata)
         self.job_dir = os.path.join(folder_paths.get_output_directory(), "dopsd_jobs", self.job_id)  # training_state.pt
         self.training: Optional[Training] = Training(self, model, pairs, vae, Options(
             gradient_checkpointing=gradient_checkpointing, preview_every=preview_every, save_prefix=save_prefix,
@@ -94,7 +95,8 @@ class Job:
             job_id=self.job_id, node_id=self.node_id, prompt_id=self.prompt_id, method=self.cfg.method,
             state=self.state, step=self.step, total_steps=self.cfg.steps, loss=self.loss,
             its_per_sec=self.its_per_sec, eta_s=self.eta_s, losses=list(losses), error=self.error,
-            checkpoints=list(self.checkpoints), lora_path=self.lora_path, previews=self.previews)
+            checkpoints=list(self.checkpoints), lora_path=self.lora_path, previews=self.previews,
+            recipe=events.RecipeInfo(**self.recipe_info))
 
     def _set_state(self, state: str, error: Optional[str] = None):
         self.state = state
@@ -130,7 +132,7 @@ class Job:
 
     def metadata(self) -> dict:
         return lora_io.lora_metadata(self.cfg.method, self.base_model_name, self.net.loras[0].rank,
-                                     self.net.loras[0].alpha, self.step, self.cfg.to_dict())
+                                     self.net.loras[0].alpha, self.step, self.cfg.to_dict(), **self.recipe_info)
 
     def save_lora(self, path: str, overwrite: bool = False) -> str:
         with self._snapshot_lock():

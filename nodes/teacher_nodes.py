@@ -16,9 +16,12 @@ from comfy_api.latest import io
 
 from . import CATEGORY
 from .dataset_nodes import Dataset
-from .pairs import Pair
+from ..dopsd_core.recipes import teacher_text
+from .pairs import make_pair
 
 Pairs = io.Custom("DOPSD_PAIRS")
+INSTRUCTION_POSITIONS = {"before caption": "instruction_then_caption",
+                         "after caption (official klein)": "caption_then_instruction"}
 KLEIN_EDIT_PROMPT = ("Make the main subject (facial/ip details), background, and overall composition consistent "
                      "with the reference image.")
 
@@ -116,24 +119,32 @@ class DOPSDTeacherReferenceLatent(io.ComfyNode):
             inputs=[
                 Dataset.Input("dataset"), io.Clip.Input("clip"), io.Vae.Input("vae"),
                 io.String.Input("teacher_prompt_prefix", default="", multiline=True,
-                                tooltip="Optional edit-style instruction put before the caption for the teacher "
-                                        "only, e.g. the official klein recipe's: " + KLEIN_EDIT_PROMPT),
+                                tooltip="Optional edit-style instruction for the teacher only, e.g. the official "
+                                        "klein recipe's: " + KLEIN_EDIT_PROMPT),
+                io.Combo.Input("instruction_position", options=list(INSTRUCTION_POSITIONS), optional=True,
+                               default="before caption",
+                               tooltip="Where the instruction goes in the teacher's prompt. The official klein "
+                                       "script appends it after the caption; the pack's first choice was before."),
             ],
             outputs=_pair_outputs(),
         )
 
     @classmethod
-    def execute(cls, dataset, clip, vae, teacher_prompt_prefix) -> io.NodeOutput:
+    def execute(cls, dataset, clip, vae, teacher_prompt_prefix, instruction_position="before caption") -> io.NodeOutput:
         require_dataset(dataset)
-        prefix = teacher_prompt_prefix.strip()
+        order = INSTRUCTION_POSITIONS[instruction_position]
 
         def make(item):
             latent = encode_latent(vae, item["image"])
-            student = encode_text(clip, item["caption"])
-            teacher_text = f"{prefix} {item['caption']}".strip() if prefix else item["caption"]
-            teacher = node_helpers.conditioning_set_values(
-                encode_text(clip, teacher_text) if prefix else student, {"reference_latents": [latent]}, append=True)
-            return Pair(item["caption"], student, teacher, latent, item["image"])
+
+            def encode(caption):
+                student = encode_text(clip, caption)
+                text = teacher_text(caption, teacher_prompt_prefix, order)
+                teacher = node_helpers.conditioning_set_values(
+                    encode_text(clip, text) if text != caption else student, {"reference_latents": [latent]},
+                    append=True)
+                return student, teacher, text
+            return make_pair(item, latent, encode)
         return _outputs(_each_once(dataset, make))
 
 
@@ -153,14 +164,14 @@ class DOPSDTeacherNativeVLM(io.ComfyNode):
         require_dataset(dataset)
 
         def make(item):
-            tokens = clip.tokenize(item["caption"], images=[item["image"][:, :, :, :3]])
-            if not _has_image_tokens(tokens):
-                raise ValueError("this CLIP's tokenizer ignores images, so the teacher would see text only: use a "
-                                 "VLM text encoder (e.g. Qwen-Image's qwen_2.5_vl), or the Reference Latent / VLM "
-                                 "Splice teacher")
-            teacher = clip.encode_from_tokens_scheduled(tokens)
-            return Pair(item["caption"], encode_text(clip, item["caption"]), teacher,
-                        encode_latent(vae, item["image"]), item["image"])
+            def encode(caption):
+                tokens = clip.tokenize(caption, images=[item["image"][:, :, :, :3]])
+                if not _has_image_tokens(tokens):
+                    raise ValueError("this CLIP's tokenizer ignores images, so the teacher would see text only: use "
+                                     "a VLM text encoder (e.g. Qwen-Image's qwen_2.5_vl), or the Reference Latent / "
+                                     "VLM Splice teacher")
+                return encode_text(clip, caption), clip.encode_from_tokens_scheduled(tokens), caption
+            return make_pair(item, lambda: encode_latent(vae, item["image"]), encode)
         return _outputs(_each_once(dataset, make))
 
 

@@ -9,6 +9,7 @@ an active job or by a trainer in a queued prompt is refused (at validation where
 """
 import hashlib
 import json
+import logging
 import math
 import os
 import posixpath
@@ -19,10 +20,9 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..dopsd_core import schedules
 from ..dopsd_core.train import METHODS, PRECISIONS, TrainConfig
-from . import CATEGORY, jobs, routes, teacher_nodes
-from .comfy_bridge import families, lora_patch, model_checks, training, turns
+from . import CATEGORY, jobs, recipe_bridge, routes, teacher_nodes
+from .comfy_bridge import families, model_checks, training, turns
 from .paths import inside, resume_path
 from .teacher_nodes import Pairs
 
@@ -192,6 +192,9 @@ class DOPSDTrainer(io.ComfyNode):
                              tooltip="Pairs per micro-step, run through the model as one batch. Only pairs with the "
                                      "same image size and caption token length share a batch (a smaller batch "
                                      "otherwise). grad_accum multiplies it."),
+                # last (after batch_size), so that workflows saved before them keep their widget values (the frontend maps them
+                # by position)
+                *recipe_bridge.inputs(),
             ],
             outputs=[Job.Output(display_name="job")],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
@@ -203,8 +206,11 @@ class DOPSDTrainer(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, save_prefix, train_steps, inference_steps, resume_from="", ema_decay=0.9999, alpha=16.0,
-                        grad_clip=1.0, learning_rate=1e-4):
-        if train_steps < 1 or inference_steps % train_steps:
+                        grad_clip=1.0, learning_rate=1e-4, recipe=recipe_bridge.recipes.CUSTOM):
+        if recipe not in recipe_bridge.recipes.NAMES:
+            return f"unknown recipe {recipe!r}: choose one of {', '.join(recipe_bridge.recipes.NAMES)}"
+        official = recipe != recipe_bridge.recipes.CUSTOM  # its own steps replace these inputs
+        if not official and (train_steps < 1 or inference_steps % train_steps):
             return (f"train_steps ({train_steps}) must divide inference_steps ({inference_steps}) so the rollout "
                     "stays on the sampler's schedule")
         for name, value in (("ema_decay", ema_decay), ("alpha", alpha), ("grad_clip", grad_clip),
@@ -229,7 +235,7 @@ class DOPSDTrainer(io.ComfyNode):
     def execute(cls, model, pairs, method, steps, inference_steps, train_steps, schedule, loss_space, rank, alpha,
                 learning_rate, ema_decay, ema_warmup, detach_states, precision, grad_accum, grad_clip,
                 gradient_checkpointing, seed, save_prefix, save_every, preview_every, targets, vae=None,
-                resume_from="", batch_size=1) -> io.NodeOutput:
+                resume_from="", batch_size=1, recipe=recipe_bridge.recipes.CUSTOM, **options) -> io.NodeOutput:
         node_id = str(getattr(cls.hidden, "unique_id", None) or "") if getattr(cls, "hidden", None) else ""
         prompt = getattr(cls.hidden, "prompt", None) if getattr(cls, "hidden", None) else None
         origin = (graph_signature(prompt, node_id), model, pairs)
@@ -248,25 +254,45 @@ class DOPSDTrainer(io.ComfyNode):
         if users:
             raise ValueError(_clash_message(save_prefix, users))
         teacher_nodes.require_visible_teacher(model, pairs)
-        training.check_batchable(pairs, batch_size)
         resume_from = resume_path(resume_from)
         save_prefix = check_save_prefix(save_prefix, overwrite=bool(resume_from))
-        infer = inference_sigmas(model, inference_steps, schedule, pairs[0].latent)
-        rollout = schedules.rollout_sigmas(infer, train_steps)
-        cfg = TrainConfig(method=method, steps=steps, rollout_sigmas=[float(s) for s in rollout],
-                          loss_space=loss_space, detach_states=detach_states, lr=learning_rate, precision=precision,
-                          grad_accum=grad_accum, grad_clip=grad_clip, seed=seed, save_every=save_every,
-                          batch_size=batch_size)
+        given = dict(method=method, steps=steps, inference_steps=inference_steps, train_steps=train_steps,
+                     schedule=schedule, loss_space=loss_space, rank=rank, alpha=alpha, learning_rate=learning_rate,
+                     ema_decay=ema_decay, ema_warmup=ema_warmup, detach_states=detach_states, precision=precision,
+                     grad_accum=grad_accum, grad_clip=grad_clip, gradient_checkpointing=gradient_checkpointing,
+                     targets=targets, batch_size=batch_size, **recipe_bridge.option_values(options))
+        settings, lines = recipe_bridge.resolve(recipe, given, model, pairs)
+        if settings["train_steps"] < 1 or settings["inference_steps"] % settings["train_steps"]:
+            raise ValueError(f"train_steps ({settings['train_steps']}) must divide inference_steps "
+                             f"({settings['inference_steps']})")
+        training.check_batchable(pairs, settings["batch_size"])
+        if settings["caption_sampling"] == "draw":
+            training.check_variants_batchable(pairs, settings["batch_size"])
+        infer = inference_sigmas(model, settings["inference_steps"], settings["schedule"], pairs[0].latent)
+        rollout = recipe_bridge.rollout_states(model, settings, pairs[0].latent, inference_sigmas)
+        cfg = TrainConfig(method=settings["method"], steps=settings["steps"],
+                          rollout_sigmas=[float(s) for s in rollout], loss_space=settings["loss_space"],
+                          detach_states=settings["detach_states"], lr=settings["learning_rate"],
+                          weight_decay=settings["weight_decay"], lr_schedule=settings["lr_schedule"],
+                          precision=settings["precision"], grad_accum=settings["grad_accum"],
+                          batch_size=settings["batch_size"], grad_clip=settings["grad_clip"], seed=seed,
+                          save_every=save_every)
         clone = model.clone()
         with torch.inference_mode(False):  # the executor runs nodes in inference mode; LoRA weights must train
-            net = lora_patch.build_network(clone, rank, alpha, targets, 0.0, ema_decay, ema_warmup, seed)
+            net = recipe_bridge.build_network(clone, settings, seed)
         base_name = type(getattr(model.model, "model_config", model.model)).__name__
         job = jobs.Job(clone, net, pairs, cfg, node_id=node_id, prompt_id=current_prompt_id(), vae=vae,
                        inference_sigmas=infer, preview_every=preview_every, save_prefix=save_prefix,
                        base_model_name=base_name, resume_from=resume_from or "",
-                       gradient_checkpointing=gradient_checkpointing, origin=origin)
+                       gradient_checkpointing=settings["gradient_checkpointing"], origin=origin)
+        job.training.examples = recipe_bridge.ExampleSetup(
+            pairs, seed, settings["caption_sampling"], settings.get("caption_dropout_override"),
+            (lambda latent: recipe_bridge.rollout_states(model, settings, latent, inference_sigmas))
+            if settings["schedule_shift"] == "per_example" else None)
+        job.recipe_info = recipe_bridge.job_info(recipe, settings, rollout)
+        logging.info("D-OPSD job %s trains with %s", job.job_id, "\n".join(lines))
         job.start()
-        return io.NodeOutput({"job_id": job.job_id}, ui={"dopsd_job": [job.job_id]})
+        return io.NodeOutput({"job_id": job.job_id}, ui={"dopsd_job": [job.job_id], "text": ["\n".join(lines)]})
 
 
 class DOPSDWaitForJob(io.ComfyNode):

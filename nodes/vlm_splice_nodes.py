@@ -5,7 +5,7 @@ from comfy_api.latest import io
 from . import CATEGORY
 from .comfy_bridge import vlm_splice
 from .dataset_nodes import Dataset
-from .pairs import Pair
+from .pairs import make_pair
 from .teacher_nodes import _outputs, _pair_outputs, encode_latent, encode_text, require_dataset
 
 
@@ -52,9 +52,10 @@ class DOPSDTeacherVLMSplice(io.ComfyNode):
         splice, te = vlm_splice.get_splice(clip, vision_model)
         pairs = []
         for item in dataset:
-            teacher = splice.encode(te, item["caption"], item["image"], hidden_layer, min_pixels, max_pixels)
-            pairs.append(Pair(item["caption"], encode_text(clip, item["caption"]), teacher,
-                              encode_latent(vae, item["image"]), item["image"]))
+            def encode(caption, item=item):
+                teacher = splice.encode(te, caption, item["image"], hidden_layer, min_pixels, max_pixels)
+                return encode_text(clip, caption), teacher, caption
+            pairs.append(make_pair(item, encode_latent(vae, item["image"]), encode))
         return _outputs(pairs)
 
 

@@ -154,7 +154,7 @@ def trainer(pos, inference_steps, train_steps, save_prefix):
         "schedule": "auto", "loss_space": "x0", "rank": 16, "alpha": 16.0, "learning_rate": 1e-4,
         "ema_decay": 0.9999, "ema_warmup": False, "detach_states": True, "precision": "bf16", "grad_accum": 1,
         "grad_clip": 1.0, "gradient_checkpointing": True, "seed": 0, "save_prefix": save_prefix, "save_every": 250,
-        "preview_every": 50, "targets": "auto", "resume_from": "", "batch_size": 1}, control="fixed")
+        "preview_every": 50, "targets": "auto", "resume_from": "", "batch_size": 1, "recipe": "custom"}, control="fixed")
 
 
 def dataset(pos, resolution):
@@ -182,10 +182,11 @@ on the student's own 8-step trajectory, so the LoRA learns the concept and Z-Ima
 {RUN_MD}
 
 **Settings**: `inference_steps` 8 with `train_steps` 4 is the official recipe (8-step euler / simple sampler, shift 3
-from ModelSamplingAuraFlow). LoRAs go to `models/loras/{ZIMAGE_LORA}_stepNNNNN.safetensors`; look at them with
+from ModelSamplingAuraFlow). `recipe` *official Z-Image-Turbo LoRA* replaces every setting with the authors'
+(rank 64 / alpha 128, separate q/k/v, 2000 steps, effective batch 4; docs/nodes.md lists each with its source). LoRAs go to `models/loras/{ZIMAGE_LORA}_stepNNNNN.safetensors`; look at them with
 *D-OPSD LoRA preview - Z-Image-Turbo 8-step*. Check the teacher first with *D-OPSD teacher preview - Z-Image-Turbo*."""
     return dict(
-        nodes=[note("readme", [0, 0], [420, 620], readme), *zimage_loaders(), dataset([820, 80], 1024),
+        nodes=[note("readme", [0, 0], [420, 700], readme), *zimage_loaders(), dataset([820, 80], 1024),
                splice_teacher([820, 260]), trainer([1240, 80], 8, 4, ZIMAGE_LORA)],
         links=[("unet", 0, "shift", "model"), ("dataset", 0, "teacher", "dataset"), ("clip", 0, "teacher", "clip"),
                ("vae", 0, "teacher", "vae"), ("shift", 0, "trainer", "model"), ("teacher", 0, "trainer", "pairs"),
@@ -210,11 +211,15 @@ student's own 4-step trajectory, so the LoRA keeps klein a 4-step model.
 {RUN_MD}
 
 **Settings**: `inference_steps` 4 matches klein's 4-step sampler (Flux2 scheduler, chosen by `schedule` auto).
+`recipe` *official FLUX.2-klein 4B edit teacher* replaces the settings with the authors' (rank 64, lr 2e-5, 3001
+steps, their rollout states; docs/nodes.md lists each with its source); the teacher already puts the edit
+instruction after the caption, as the official script does.
 LoRAs go to `models/loras/{KLEIN_LORA}_stepNNNNN.safetensors`; look at them with
 *D-OPSD LoRA preview - FLUX.2-klein 4-step*."""
     return dict(
-        nodes=[note("readme", [0, 0], [420, 600], readme), *klein_loaders(), dataset([820, 80], 1024),
-               node("teacher", "DOPSDTeacherReferenceLatent", [820, 260], {"teacher_prompt_prefix": KLEIN_EDIT_PROMPT}),
+        nodes=[note("readme", [0, 0], [420, 680], readme), *klein_loaders(), dataset([820, 80], 1024),
+               node("teacher", "DOPSDTeacherReferenceLatent", [820, 260], {"teacher_prompt_prefix": KLEIN_EDIT_PROMPT,
+                                                                     "instruction_position": "after caption (official klein)"}),
                trainer([1240, 80], 4, 4, KLEIN_LORA)],
         links=[("dataset", 0, "teacher", "dataset"), ("clip", 0, "teacher", "clip"), ("vae", 0, "teacher", "vae"),
                ("unet", 0, "trainer", "model"), ("teacher", 0, "trainer", "pairs"), ("vae", 0, "trainer", "vae")],
@@ -515,7 +520,7 @@ async (spec) => {
   app.canvas.ds.scale = 0.6;
   const { workflow } = await app.graphToPrompt();
   workflow.extra = { ...(workflow.extra || {}), ds: { scale: 0.6, offset: [140, 190] } };
-  return workflow;
+  return JSON.stringify(workflow);  // what "Save" writes: undefined fields left out (Playwright may send them as null)
 }
 """
 
@@ -572,9 +577,7 @@ def build_all(server_url, page, thumbnails_to=None):
              timeout=90, message="ComfyUI frontend")
     out = {}
     for name, make in WORKFLOWS_SPEC.items():
-        # JSON.stringify in the page, as Save does: newer Playwright returns JS `undefined` fields as None
-        spec = json.dumps(prepare_spec(make()))
-        wf = json.loads(page.evaluate(f"(async () => JSON.stringify(await ({BUILD_JS})({spec})))()"))
+        wf = json.loads(page.evaluate(f"({BUILD_JS})({json.dumps(prepare_spec(make()))})"))
         wf.pop("id", None)  # a fresh id is made when the file is opened
         out[name] = wf
         if thumbnails_to is not None:

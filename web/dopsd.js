@@ -335,8 +335,11 @@ class JobCard {
       this.infoEl.hidden = true;
     } else {
       const method = job.method ? job.method.replace("_", "-") : "job";
-      this.titleEl.textContent = `${method} · ${job.job_id}${this.nodeId == null && job.node_id !== "" ? ` · node #${job.node_id}` : ""}`;
-      this.titleEl.title = this.titleEl.textContent;
+      const recipe = job.recipe?.recipe && job.recipe.recipe !== "custom" ? ` · ${job.recipe.recipe}` : "";
+      this.titleEl.textContent = `${method}${recipe} · ${job.job_id}${this.nodeId == null && job.node_id !== "" ? ` · node #${job.node_id}` : ""}`;
+      // hover: every setting the job trains with (an official recipe's values, or the inputs as given)
+      const settings = Object.entries(job.recipe?.recipe_settings || {}).map(([k, v]) => `${k} = ${v}`);
+      this.titleEl.title = [this.titleEl.textContent, ...settings].join("\n");
       const total = job.total_steps || 0;
       const pct = total ? Math.min(100, (100 * job.step) / total) : 0;
       this.fillEl.style.width = `${pct.toFixed(1)}%`;

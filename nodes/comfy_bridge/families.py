@@ -1,6 +1,6 @@
 """Model-family rules in one place: which family a MODEL is, and what training does differently for it.
 
-| family   | ComfyUI class (unet_config image_model) | LoRA targets (official D-OPSD)          | schedule | latent / px | blocks in place |
+| family   | ComfyUI class (unet_config image_model) | "auto" LoRA targets (the pack's)        | schedule | latent / px | blocks in place |
 | -------- | --------------------------------------- | --------------------------------------- | -------- | ----------- | --------------- |
 | zimage   | supported_models.ZImage (lumina2)       | attention qkv/out, feed_forward w1-w3   | simple   | 16 ch, 1/8  | no              |
 | flux2    | supported_models.Flux2 (flux2)          | double-block attn/MLP, single linear1/2 | flux2    | 128 ch, 1/16| yes             |
@@ -8,6 +8,10 @@
 | qwenimage| supported_models.QwenImage (qwen_image) | img/txt attention and MLP (no official) | simple   | 16 ch 1/8 5D| unknown: guard  |
 | toy      | the toy world (dopsd_toy)               | every Linear                            | simple   | pixels      | unknown: guard  |
 | other    | e.g. SD3                                | every Linear                            | simple   | 1/8         | unknown: guard  |
+
+Z-Image's "auto" targets are the official ones (qkv fused). klein's are NOT: the official list resolves to the
+double-stream attention projections only (dopsd_core/recipes.py, recipe "official FLUX.2-klein 4B edit
+teacher"); "auto" also trains the double-block MLPs and the single-stream blocks (the pack's choice).
 
 Teacher kinds per family are chosen by the user's teacher node (docs/nodes.md): VLM splice for Z-Image,
 reference latents for FLUX.2-klein / Qwen-Image-Edit / Kontext, the native VLM encoder for Qwen-Image.

@@ -27,7 +27,7 @@ from . import families
 INJECTION_KEY = "dopsd_lora"
 
 def default_targets(model) -> Sequence[str]:
-    """The official D-OPSD LoRA targets of the model's family (families.py)."""
+    """The model family's "auto" LoRA targets (families.py; official for Z-Image, wider for klein)."""
     return families.default_targets(model)
 
 
