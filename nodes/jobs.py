@@ -85,7 +85,9 @@ class ComfyTask:
             raise ModelLost(f"ComfyUI could not load the model for training ({type(e).__name__}: {e})") from e
 
     def run(self, index, compute):
-        pair = self.pairs[index]
+        return self.run_pair(self.pairs[index], compute)
+
+    def run_pair(self, pair: Pair, compute):
         params = self.net.trainable_parameters()
         for attempt in range(1, MAX_STEP_ATTEMPTS + 1):
             grads = [None if p.grad is None else p.grad.clone() for p in params]
@@ -115,7 +117,8 @@ class ComfyTask:
                 outcome["lost"] = True
                 return None
             student, teacher = net.predictors(guided.velocity_fn(model_wrap, model_options, "positive"),
-                                              guided.velocity_fn(model_wrap, model_options, "teacher"))
+                                              guided.velocity_fn(model_wrap, model_options, "teacher"),
+                                              getattr(pair, "teacher_mode", "teacher"))  # "off": retention
             try:
                 return compute(student, teacher, latent)
             finally:  # (guider.sample itself ejects and re-injects around sampling, which is harmless)
@@ -183,7 +186,7 @@ class Job:
     def __init__(self, model, net, pairs: List[Pair], cfg: TrainConfig, *, node_id: str = "", prompt_id: str = "",
                  vae=None, inference_sigmas: Optional[torch.Tensor] = None, preview_every: int = 0,
                  save_prefix: str = "", base_model_name: str = "", resume_from: str = "",
-                 gradient_checkpointing: bool = False, use_turns: bool = True, origin=None):
+                 gradient_checkpointing: bool = False, use_turns: bool = True, origin=None, retention=None):
         self.job_id = uuid.uuid4().hex[:12]
         self.model, self.net, self.cfg = model, net, cfg
         self.pairs_in = pairs
@@ -194,6 +197,7 @@ class Job:
         self.base_model_name, self.resume_from = base_model_name, resume_from
         self.gradient_checkpointing = gradient_checkpointing
         self.use_turns = use_turns
+        self.retention = retention  # retention_nodes.for_job's spec, or None
         self.origin = origin  # what started it (trainer_nodes.job_origin): an unchanged re-queue shows this job
         self.control = TrainControl()
         self.state = "waiting"
@@ -344,10 +348,12 @@ class Job:
 
     def _train(self):
         """Build the trainer over the job's patcher and run it; returns dopsd_core's TrainResult."""
+        from . import retention_nodes
         self.pairs = detached_copy(self.pairs_in)
         self.attachment = lora_patch.install(self.model, self.net)
         task = ComfyTask(self.model, self.net, self.pairs, self.cfg.seed, self.attachment,
                          self.gradient_checkpointing, self.cfg.precision)
+        task = retention_nodes.with_retention(task, self.retention, self.cfg.seed)  # None: unchanged
         self.trainer = Trainer(self.net, task, self.cfg, control=self.control, on_progress=self._on_progress,
                                on_checkpoint=self._checkpoint, step_context=self._step_context)
         if self.resume_from:
@@ -357,6 +363,7 @@ class Job:
                 raise ValueError(f"cannot resume from {self.resume_from}: it is not a training_state.pt of "
                                  f"a job with the same settings ({type(e).__name__}: {e})") from e
             self.step = self.trainer.step
+            retention_nodes.after_resume(task, self.trainer)
         return self.trainer.train()
 
     def _run(self):

@@ -22,7 +22,7 @@ from comfy_api.latest import io
 
 from ..dopsd_core import schedules
 from ..dopsd_core.train import METHODS, PRECISIONS, TrainConfig
-from . import CATEGORY, jobs, routes, teacher_nodes
+from . import CATEGORY, jobs, retention_nodes, routes, teacher_nodes
 from .comfy_bridge import families, lora_patch, model_checks, turns
 from .paths import inside, resume_path
 from .schedule_nodes import flux2_sigmas
@@ -195,6 +195,12 @@ class DOPSDTrainer(io.ComfyNode):
                 io.String.Input("resume_from", default="", optional=True,
                                 tooltip="A job id from output/dopsd_jobs (or <job id>/training_state.pt) to continue "
                                         "exactly; the job keeps its save_prefix."),
+                retention_nodes.Retention.Input("retention", optional=True,
+                                                tooltip="Ordinary prompts to keep as the base model draws them "
+                                                        "(D-OPSD Retention Prompts)."),
+                io.Float.Input("retention_ratio", default=0.0, min=0.0, max=0.95, step=0.05, optional=True,
+                               tooltip="Fraction of steps spent on retention prompts with the frozen base model as "
+                                       "teacher (method dopsd). 0: the paper's method, unchanged."),
             ],
             outputs=[Job.Output(display_name="job")],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
@@ -206,7 +212,9 @@ class DOPSDTrainer(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, save_prefix, train_steps, inference_steps, resume_from="", ema_decay=0.9999, alpha=16.0,
-                        grad_clip=1.0, learning_rate=1e-4):
+                        grad_clip=1.0, learning_rate=1e-4, method="dopsd", retention_ratio=0.0):
+        if retention_ratio and method != "dopsd":
+            return f"retention_ratio {retention_ratio} needs method dopsd; set it to 0 for method {method}"
         if train_steps < 1 or inference_steps % train_steps:
             return (f"train_steps ({train_steps}) must divide inference_steps ({inference_steps}) so the rollout "
                     "stays on the sampler's schedule")
@@ -232,7 +240,7 @@ class DOPSDTrainer(io.ComfyNode):
     def execute(cls, model, pairs, method, steps, inference_steps, train_steps, schedule, loss_space, rank, alpha,
                 learning_rate, ema_decay, ema_warmup, detach_states, precision, grad_accum, grad_clip,
                 gradient_checkpointing, seed, save_prefix, save_every, preview_every, targets, vae=None,
-                resume_from="") -> io.NodeOutput:
+                resume_from="", retention=None, retention_ratio=0.0) -> io.NodeOutput:
         node_id = str(getattr(cls.hidden, "unique_id", None) or "") if getattr(cls, "hidden", None) else ""
         prompt = getattr(cls.hidden, "prompt", None) if getattr(cls, "hidden", None) else None
         origin = (graph_signature(prompt, node_id), model, pairs)
@@ -251,6 +259,7 @@ class DOPSDTrainer(io.ComfyNode):
         if users:
             raise ValueError(_clash_message(save_prefix, users))
         teacher_nodes.require_visible_teacher(model, pairs)
+        retention = retention_nodes.for_job(model, retention, retention_ratio, method)
         resume_from = resume_path(resume_from)
         save_prefix = check_save_prefix(save_prefix, overwrite=bool(resume_from))
         infer = inference_sigmas(model, inference_steps, schedule, pairs[0].latent)
@@ -265,7 +274,7 @@ class DOPSDTrainer(io.ComfyNode):
         job = jobs.Job(clone, net, pairs, cfg, node_id=node_id, prompt_id=current_prompt_id(), vae=vae,
                        inference_sigmas=infer, preview_every=preview_every, save_prefix=save_prefix,
                        base_model_name=base_name, resume_from=resume_from or "",
-                       gradient_checkpointing=gradient_checkpointing, origin=origin)
+                       gradient_checkpointing=gradient_checkpointing, origin=origin, retention=retention)
         job.start()
         return io.NodeOutput({"job_id": job.job_id}, ui={"dopsd_job": [job.job_id]})
 
