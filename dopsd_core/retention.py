@@ -6,21 +6,24 @@ the training captions with the trigger word removed, and generated variations of
 D-OPSD loss along the student's own few-step rollout, but with the frozen base model (LoRA off, text-only
 conditioning) as the teacher: on those prompts the student is pulled back to what it drew before training.
 
-Mixing: each micro-step is, with probability `ratio`, a retention step (a draw of retention prompts) instead
-of a concept step, so the student's budget per step is unchanged; ratio 0 is the paper's method, untouched.
-The very first micro-step is always a concept step: on the untouched (zero) LoRA a retention step has loss
-exactly 0, and the host's blind-teacher check reads the first steps' losses.
+Mixing: each micro-step runs its concept example as usual and, with probability `ratio`, also a retention
+batch; both gradients land in the same optimizer step (loss = concept + retention), so the retention term acts
+as a constraint on every update it joins rather than as a separate step that the next concept step undoes. The
+student's budget grows by a factor 1 + ratio on average (print it next to any comparison). Ratio 0 is the
+paper's method, bit for bit; ratio 1 adds the term to every step. The very first micro-step never draws one:
+on the untouched (zero) LoRA the retention loss is exactly 0.
 
 The draws are a pure function of (seed, micro-step position), never of a shared generator, so a resumed run
 draws exactly what the uninterrupted one did once `seek(position)` is set (RetentionMix.seek_step).
 
-Measured in the toy world (previous session's runs, 3 training seeds, 60 steps; README "Toy-world results"):
-FD on ordinary prompts 3862 -> 403 and bleed rate 0.34 -> 0.046 at concept accuracy 0.841 -> 0.839.
+Measured in the toy world: toyworld/README.md and the README's "Toy-world results".
 """
 import re
 from typing import Callable, List, Optional, Sequence
 
 import torch
+
+from .objectives import StepResult
 
 # Variations of a class prompt for generic (photographic) models: the same subject in other settings. Each
 # template holds one "{}" for the prompt. The toy world passes its own (attribute words).
@@ -102,16 +105,17 @@ RunRetention = Callable[[int, List[int], Callable], object]
 
 
 class RetentionMix:
-    """A TrainTask wrapper (dopsd_core.train.TrainTask) that turns a `ratio` of the micro-steps into retention
-    steps. The data order stays the wrapped task's: a retention step replaces the concept example the order
-    drew, and `run_retention(index, prompt_indices, compute)` (the host's) runs the retention prompts at that
+    """A TrainTask wrapper (dopsd_core.train.TrainTask) that adds a retention batch to a `ratio` of the
+    micro-steps. The data order stays the wrapped task's; after the concept example the order drew,
+    `run_retention(index, prompt_indices, compute)` (the host's) runs the drawn retention prompts at that
     example's size with `net.predictors(student_fn, base_fn, teacher_mode="off")` through `compute`, i.e. the
-    Trainer's D-OPSD step. Only method "dopsd" makes sense (SFT/off-policy would not roll the student out)."""
+    Trainer's D-OPSD step (its own backward, the same loss scale). The micro-step's loss is the sum.
+    Only method "dopsd" makes sense (SFT/off-policy would not roll the student out)."""
 
     def __init__(self, task, n_prompts: int, ratio: float, seed: int, run_retention: RunRetention,
                  per_step: int = 1):
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"retention ratio must be in [0, 1), got {ratio}: 1 would never train the concept")
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"retention ratio must be in [0, 1], got {ratio}")
         if n_prompts < 1:
             raise ValueError("retention needs at least one prompt")
         self.task, self.n_prompts, self.ratio, self.seed = task, n_prompts, float(ratio), int(seed)
@@ -140,9 +144,12 @@ class RetentionMix:
 
     def run(self, index, compute):
         d = self.next_draw()
+        result = self.task.run(index, compute)
         if d is None:
-            return self.task.run(index, compute)
-        return self.run_retention(index, d, compute)
+            return result
+        kept = self.run_retention(index, d, compute)
+        return StepResult(result.loss + kept.loss, list(result.per_step) + list(kept.per_step),
+                          list(result.states), result.x0_estimate)
 
 
 def schedule(seed: int, ratio: float, n_prompts: int, micro_steps: int, per_step: int = 1) -> List[Optional[List[int]]]:

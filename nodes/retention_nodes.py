@@ -2,8 +2,8 @@
 
 `D-OPSD Retention Prompts` encodes ordinary prompts (a list, the class prompt = the training captions with the
 trigger word removed, and generated variations) with a CLIP into a RETENTION value. Wired into the trainer with
-`retention_ratio` > 0, that fraction of the training steps roll the student out on a retention prompt and pull
-it towards the frozen base model (LoRA off, the same text-only conditioning): the D-OPSD loss with the base
+`retention_ratio` > 0, that fraction of the training steps also roll the student out on a retention prompt and
+pull it towards the frozen base model (LoRA off, the same text-only conditioning): the D-OPSD loss with the base
 as teacher, which keeps the concept from bleeding into every prompt. dopsd_core/retention.py has the rule.
 """
 import torch
@@ -64,8 +64,8 @@ def for_job(model, retention, ratio: float, method: str):
     if method != "dopsd":
         raise ValueError(f"retention_ratio {ratio} needs method dopsd (retention rolls the student out on its own "
                          f"samples); set retention_ratio to 0 for method {method}")
-    if not 0.0 < ratio < 1.0:
-        raise ValueError(f"retention_ratio must be in [0, 1), got {ratio}")
+    if not 0.0 < ratio <= 1.0:
+        raise ValueError(f"retention_ratio must be in [0, 1], got {ratio}")
     for text, cond in zip(retention["prompts"], retention["conds"]):
         try:
             model_checks.require_condition_width(cond, model, "retention")
@@ -76,9 +76,9 @@ def for_job(model, retention, ratio: float, method: str):
 
 
 def with_retention(task, spec, seed: int):
-    """Wrap a jobs.ComfyTask so that a `ratio` of its steps are retention steps (or return it as it is).
+    """Wrap a jobs.ComfyTask so that a `ratio` of its steps also train a retention prompt (or return it as it is).
 
-    A retention step takes the concept pair the data order drew for its latent size, swaps in the retention
+    A retention example takes the concept pair the data order drew for its latent size, swaps in the retention
     prompt as the student's and the teacher's conditioning, and runs it through the task's own ComfyUI path
     with the teacher's LoRA off (Pair.teacher_mode = "off"). Call outside inference mode (tensors are copied)."""
     if spec is None:

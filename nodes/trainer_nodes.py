@@ -198,9 +198,10 @@ class DOPSDTrainer(io.ComfyNode):
                 retention_nodes.Retention.Input("retention", optional=True,
                                                 tooltip="Ordinary prompts to keep as the base model draws them "
                                                         "(D-OPSD Retention Prompts)."),
-                io.Float.Input("retention_ratio", default=0.0, min=0.0, max=0.95, step=0.05, optional=True,
-                               tooltip="Fraction of steps spent on retention prompts with the frozen base model as "
-                                       "teacher (method dopsd). 0: the paper's method, unchanged."),
+                io.Float.Input("retention_ratio", default=0.0, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="Fraction of steps that also train one retention prompt, with the frozen base "
+                                       "model as teacher (method dopsd; each costs one more rollout). 0: the paper's "
+                                       "method, unchanged."),
             ],
             outputs=[Job.Output(display_name="job")],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],

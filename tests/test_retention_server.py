@@ -1,7 +1,7 @@
 """Issue 15: on-policy retention from the trainer node, on a real ComfyUI server with its tiny Z-Image.
 
 - ratio 0 with the retention input wired trains bit for bit as without it;
-- ratio > 0 runs retention steps whose teacher is the frozen base model (with ema_decay 0 an EMA teacher would
+- ratio > 0 adds retention losses whose teacher is the frozen base model (with ema_decay 0 an EMA teacher would
   equal the student on the same text-only condition, loss exactly 0; the base gives > 0);
 - a resumed job draws the retention steps the uninterrupted job drew (same LoRA bits);
 - a CLIP of the wrong width is refused with an error that names the fix.
@@ -106,19 +106,18 @@ def test_ratio_zero_trains_bit_for_bit_as_without_retention(server):
 
 
 def test_retention_steps_are_taught_by_the_base_model(server):
-    steps, ratio = 8, 0.6
+    steps, ratio = 8, 0.4
     # 2 prompts + the class prompt "a photo of a cat" + 2 variations
     draws = retention.schedule(seed=0, ratio=ratio, n_prompts=5, micro_steps=steps)
-    ret_steps = [i for i, d in enumerate(draws) if d is not None]
-    assert ret_steps and ret_steps[0] > 0
+    first = next(i for i, d in enumerate(draws) if d is not None)
+    assert first > 0
     _, base = train(server, steps=steps, ema_decay=0.0)
     _, mixed = train(server, steps=steps, ema_decay=0.0, retention_ratio=ratio)
     lb, lm = [l for _, l in base["losses"]], [l for _, l in mixed["losses"]]
-    first = ret_steps[0]
-    assert lm[:first] == lb[:first]          # the same concept steps until the first retention step ...
-    assert lm[first] != lb[first]            # ... which runs a retention prompt instead
-    # ema_decay 0: the EMA teacher equals the student, so only a LoRA-off teacher gives a retention loss > 0
-    assert all(lm[i] > 0 for i in ret_steps), (ret_steps, lm)
+    assert lm[:first] == lb[:first]          # the same concept steps until the first retention draw ...
+    # ... which adds a retention loss. ema_decay 0: the EMA teacher equals the student, so an EMA teacher on the
+    # same text-only condition would add exactly 0; the LoRA-off base adds > 0
+    assert lm[first] > lb[first], (first, lb, lm)
 
 
 def test_resumed_job_draws_what_the_uninterrupted_job_drew(server):
