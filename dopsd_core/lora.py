@@ -230,16 +230,20 @@ class LoRANetwork(nn.Module):
         finally:
             self.current_mode = previous
 
-    def predictors(self, student_fn: Callable, teacher_fn: Callable):
+    def predictors(self, student_fn: Callable, teacher_fn: Callable, teacher_mode: str = "teacher"):
         """(student, teacher): velocity callables fn(x, sigma) that run `student_fn` with the student LoRA and
         `teacher_fn` with the EMA teacher, the pair the objectives take. Conditioning is the callers' to close
-        over (c_s in student_fn, c_t in teacher_fn)."""
+        over (c_s in student_fn, c_t in teacher_fn). teacher_mode "off" makes the teacher the frozen base model
+        (LoRA off: the on-policy retention term, dopsd_core/retention.py)."""
+        if teacher_mode not in MODES:
+            raise ValueError(f"unknown teacher_mode {teacher_mode!r}; choose one of {MODES}")
+
         def student(x, sigma):
             with self.mode("student"):
                 return student_fn(x, sigma)
 
         def teacher(x, sigma):
-            with self.mode("teacher"):
+            with self.mode(teacher_mode):
                 return teacher_fn(x, sigma)
 
         return student, teacher

@@ -43,6 +43,14 @@ class JobStatus(TypedDict):
     checkpoints: List[str]
     lora_path: Optional[str]
     previews: Optional[Previews]
+    recipe: "RecipeInfo"
+
+
+class RecipeInfo(TypedDict, total=False):
+    """The trainer's recipe (dopsd_core/recipes.py) and every setting it resolved to, as the LoRA metadata records
+    them (dopsd.recipe, dopsd.recipe_settings); {} for a job built outside the trainer node."""
+    recipe: str
+    recipe_settings: dict
 
 
 class ProgressEvent(TypedDict):
@@ -104,7 +112,8 @@ def contract_markdown() -> str:
         return "{" + ", ".join(fields(kind)) + "}"
 
     lines = [f"JobStatus: `{braces(JobStatus)}`",
-             f"Previews: `{braces(Previews)}`; ImageRef: `{braces(ImageRef)}`",
+             f"Previews: `{braces(Previews)}`; ImageRef: `{braces(ImageRef)}`; "
+             f"RecipeInfo: `{braces(RecipeInfo)}`",
              f"state: {', '.join(f'`{s}`' for s in JobState.__args__)}"]
     lines += [f"- `{name}`: `{kind.__name__}` `{braces(kind)}`" for name, kind in EVENTS.items()]
     return "\n".join(lines)

@@ -48,7 +48,7 @@ class Job:
     def __init__(self, model, net, pairs: List[Pair], cfg: TrainConfig, *, node_id: str = "", prompt_id: str = "",
                  vae=None, inference_sigmas: Optional[torch.Tensor] = None, preview_every: int = 0,
                  save_prefix: str = "", base_model_name: str = "", resume_from: str = "",
-                 gradient_checkpointing: bool = False, use_turns: bool = True, origin=None):
+                 gradient_checkpointing: bool = False, use_turns: bool = True, origin=None, retention=None):
         self.job_id = uuid.uuid4().hex[:12]
         self.net, self.cfg = net, cfg
         self.node_id, self.prompt_id = node_id, prompt_id
@@ -72,7 +72,7 @@ class Job:
         self.job_dir = os.path.join(folder_paths.get_output_directory(), "dopsd_jobs", self.job_id)  # training_state.pt
         self.training: Optional[Training] = Training(self, model, pairs, vae, Options(
             gradient_checkpointing=gradient_checkpointing, preview_every=preview_every, save_prefix=save_prefix,
-            resume_from=resume_from, inference_sigmas=inference_sigmas, job_dir=self.job_dir))
+            resume_from=resume_from, inference_sigmas=inference_sigmas, job_dir=self.job_dir, retention=retention))
         self.thread = threading.Thread(target=self._run, name=f"dopsd-job-{self.job_id}", daemon=True)
 
     # what the running training holds (None once the job ended and released it)

@@ -21,7 +21,7 @@ import torch
 from comfy_api.latest import io
 
 from ..dopsd_core.train import METHODS, PRECISIONS, TrainConfig
-from . import CATEGORY, jobs, recipe_bridge, routes, teacher_nodes
+from . import CATEGORY, jobs, recipe_bridge, retention_nodes, routes, teacher_nodes
 from .comfy_bridge import families, model_checks, training, turns
 from .paths import inside, resume_path
 from .teacher_nodes import Pairs
@@ -195,6 +195,13 @@ class DOPSDTrainer(io.ComfyNode):
                 # last (after batch_size), so that workflows saved before them keep their widget values (the frontend maps them
                 # by position)
                 *recipe_bridge.inputs(),
+                retention_nodes.Retention.Input("retention", optional=True,
+                                                tooltip="Ordinary prompts to keep as the base model draws them "
+                                                        "(D-OPSD Retention Prompts)."),
+                io.Float.Input("retention_ratio", default=0.0, min=0.0, max=1.0, step=0.05, optional=True,
+                               tooltip="Fraction of steps that also train one retention prompt, with the frozen base "
+                                       "model as teacher (method dopsd; each costs one more rollout). 0: the paper's "
+                                       "method, unchanged."),
             ],
             outputs=[Job.Output(display_name="job")],
             hidden=[io.Hidden.unique_id, io.Hidden.prompt],
@@ -206,9 +213,12 @@ class DOPSDTrainer(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, save_prefix, train_steps, inference_steps, resume_from="", ema_decay=0.9999, alpha=16.0,
-                        grad_clip=1.0, learning_rate=1e-4, recipe=recipe_bridge.recipes.CUSTOM):
+                        grad_clip=1.0, learning_rate=1e-4, recipe=recipe_bridge.recipes.CUSTOM, method="dopsd",
+                        retention_ratio=0.0):
         if recipe not in recipe_bridge.recipes.NAMES:
             return f"unknown recipe {recipe!r}: choose one of {', '.join(recipe_bridge.recipes.NAMES)}"
+        if retention_ratio and method != "dopsd" and recipe == recipe_bridge.recipes.CUSTOM:
+            return f"retention_ratio {retention_ratio} needs method dopsd; set it to 0 for method {method}"
         official = recipe != recipe_bridge.recipes.CUSTOM  # its own steps replace these inputs
         if not official and (train_steps < 1 or inference_steps % train_steps):
             return (f"train_steps ({train_steps}) must divide inference_steps ({inference_steps}) so the rollout "
@@ -235,7 +245,8 @@ class DOPSDTrainer(io.ComfyNode):
     def execute(cls, model, pairs, method, steps, inference_steps, train_steps, schedule, loss_space, rank, alpha,
                 learning_rate, ema_decay, ema_warmup, detach_states, precision, grad_accum, grad_clip,
                 gradient_checkpointing, seed, save_prefix, save_every, preview_every, targets, vae=None,
-                resume_from="", batch_size=1, recipe=recipe_bridge.recipes.CUSTOM, **options) -> io.NodeOutput:
+                resume_from="", batch_size=1, recipe=recipe_bridge.recipes.CUSTOM, retention=None,
+                retention_ratio=0.0, **options) -> io.NodeOutput:
         node_id = str(getattr(cls.hidden, "unique_id", None) or "") if getattr(cls, "hidden", None) else ""
         prompt = getattr(cls.hidden, "prompt", None) if getattr(cls, "hidden", None) else None
         origin = (graph_signature(prompt, node_id), model, pairs)
@@ -262,6 +273,9 @@ class DOPSDTrainer(io.ComfyNode):
                      grad_accum=grad_accum, grad_clip=grad_clip, gradient_checkpointing=gradient_checkpointing,
                      targets=targets, batch_size=batch_size, **recipe_bridge.option_values(options))
         settings, lines = recipe_bridge.resolve(recipe, given, model, pairs)
+        retention = retention_nodes.for_job(model, retention, retention_ratio, settings["method"])
+        if retention is not None:
+            lines.append(f"retention: {len(retention['prompts'])} prompts, ratio {retention['ratio']:g}")
         if settings["train_steps"] < 1 or settings["inference_steps"] % settings["train_steps"]:
             raise ValueError(f"train_steps ({settings['train_steps']}) must divide inference_steps "
                              f"({settings['inference_steps']})")
@@ -284,7 +298,8 @@ class DOPSDTrainer(io.ComfyNode):
         job = jobs.Job(clone, net, pairs, cfg, node_id=node_id, prompt_id=current_prompt_id(), vae=vae,
                        inference_sigmas=infer, preview_every=preview_every, save_prefix=save_prefix,
                        base_model_name=base_name, resume_from=resume_from or "",
-                       gradient_checkpointing=settings["gradient_checkpointing"], origin=origin)
+                       gradient_checkpointing=settings["gradient_checkpointing"], origin=origin,
+                       retention=retention)
         job.training.examples = recipe_bridge.ExampleSetup(
             pairs, seed, settings["caption_sampling"], settings.get("caption_dropout_override"),
             (lambda latent: recipe_bridge.rollout_states(model, settings, latent, inference_sigmas))

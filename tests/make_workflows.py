@@ -154,7 +154,7 @@ def trainer(pos, inference_steps, train_steps, save_prefix):
         "schedule": "auto", "loss_space": "x0", "rank": 16, "alpha": 16.0, "learning_rate": 1e-4,
         "ema_decay": 0.9999, "ema_warmup": False, "detach_states": True, "precision": "bf16", "grad_accum": 1,
         "grad_clip": 1.0, "gradient_checkpointing": True, "seed": 0, "save_prefix": save_prefix, "save_every": 250,
-        "preview_every": 50, "targets": "auto", "resume_from": "", "batch_size": 1, "recipe": "custom"}, control="fixed")
+        "preview_every": 50, "targets": "auto", "resume_from": "", "batch_size": 1, "recipe": "custom", "retention_ratio": 0.0}, control="fixed")
 
 
 def dataset(pos, resolution):
@@ -418,7 +418,7 @@ step-distilled 32x32 pixel model, its tiny VLM encoder, an identity VAE; see `to
                    "learning_rate": TOY_TRAIN["learning_rate"], "ema_decay": TOY_TRAIN["ema_decay"],
                    "ema_warmup": False, "detach_states": True, "precision": "fp32", "grad_accum": 1, "grad_clip": 1.0,
                    "gradient_checkpointing": False, "seed": 0, "save_prefix": TOY_LORA, "save_every": 0,
-                   "preview_every": 25, "targets": "auto", "resume_from": "", "batch_size": 1}, control="fixed"),
+                   "preview_every": 25, "targets": "auto", "resume_from": "", "batch_size": 1, "retention_ratio": 0.0}, control="fixed"),
                node("wait", "DOPSDWaitForJob", [2080, 80], {"timeout_s": 0}),
                node("joblora", "DOPSDJobLoRA", [460, 1250], {"strength": 1.0, "adapter": "student"}),
                node("pos", "CLIPTextEncode", [460, 1410], {"text": TOY_PROMPT}, size=[300, 100]),

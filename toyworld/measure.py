@@ -79,6 +79,66 @@ def sharpness(samples: torch.Tensor, real: torch.Tensor) -> float:
     return edge_energy(samples) / edge_energy(real)
 
 
+def median3(images: torch.Tensor) -> torch.Tensor:
+    """3x3 median filter (replicate padding), per channel: removes pixel noise, keeps step edges."""
+    p = torch.nn.functional.pad(images.float(), (1, 1, 1, 1), mode="replicate")
+    u = p.unfold(2, 3, 1).unfold(3, 3, 1)
+    return u.reshape(*u.shape[:4], 9).median(-1).values
+
+
+EDGE_THRESHOLD = 0.3   # gradient magnitude (RGB norm, images in [-1, 1]) that counts as an edge
+
+
+def edge_strength(images: torch.Tensor, threshold: float = EDGE_THRESHOLD) -> float:
+    """Mean excess of the gradient magnitude over `threshold`, after two fixed 3x3 median filters.
+
+    The median filters remove pixel noise before anything is measured, and the threshold ignores what noise they
+    let through, so pixel noise does not make an image look sharper. Measured on 256 real renders
+    (tests/test_toyworld_measure.py): another real set 1.007; gaussian noise of std 0.05 / 0.1 / 0.2 / 0.4 gives
+    0.93 / 0.87 / 0.77 / 0.77; a 3x3 box blur 0.43, and with noise 0.05 / 0.1 / 0.2 / 0.4 on top 0.41 / 0.40 /
+    0.39 / 0.52 (only very heavy noise lifts a blurred image a little, never near 1). The plain edge energy
+    (`sharpness`, mean |Laplacian|) rises with noise instead (1.76 / 2.57 / 4.30 / 7.96), which made speckled
+    samples look sharp.
+    """
+    x = median3(median3(images))
+    dx = x[..., :-1, 1:] - x[..., :-1, :-1]
+    dy = x[..., 1:, :-1] - x[..., :-1, :-1]
+    g = (dx ** 2 + dy ** 2).sum(1).sqrt()
+    return float(torch.nn.functional.relu(g - threshold).mean())
+
+
+def denoised_sharpness(samples: torch.Tensor, real: torch.Tensor) -> float:
+    """edge_strength of samples over that of real renders of the same prompts (1 = as sharp as real; blur and
+    averaging lower it, pixel noise does not raise it)."""
+    return edge_strength(samples) / edge_strength(real)
+
+
+def bleed_rate(world: World, pred: torch.Tensor, prompts: PromptSet, axis: str, member: str) -> float:
+    """Fraction of the prompts that do not name `axis` whose samples the evaluator reads as `member` (the new
+    concept): how far the concept leaks into prompts that leave that attribute open (0 if none leave it open)."""
+    col = AXIS_COL[axis]
+    open_ = ~prompts.named[:, col]
+    if not open_.any():
+        return 0.0
+    return float((pred[open_, col] == world.index(axis, member)).float().mean())
+
+
+def noise_for(prompts: PromptSet, noise_seed: int) -> torch.Tensor:
+    """The sampling noise of noise seed k for a prompt set: k = 0 is the set's own noise."""
+    if noise_seed == 0:
+        return prompts.noise
+    g = torch.Generator().manual_seed(1_000_003 * noise_seed + len(prompts.captions))
+    return torch.randn(prompts.noise.shape, generator=g)
+
+
+def fd_floor(world: World, evaluator: Evaluator, prompts: PromptSet, draws: int = 3, seed: int = 900) -> List[float]:
+    """FD between fresh real renders of the prompts (one per prompt, as many as a sample set) and the reference:
+    what a perfect model scores at this sample size (the noise floor of every FD of that prompt set)."""
+    g = torch.Generator().manual_seed(seed)
+    return [frechet_distance(gaussian_stats(evaluator.embed(render_triples(world, prompts.triples, g))),
+                             prompts.reference) for _ in range(draws)]
+
+
 def read_samples(world: World, evaluator: Evaluator, samples: torch.Tensor, prompts: PromptSet,
                  concept_axis: Optional[str] = None) -> Dict[str, float]:
     pred = evaluator.predict(samples)
@@ -89,6 +149,8 @@ def read_samples(world: World, evaluator: Evaluator, samples: torch.Tensor, prom
     out["acc_all"] = float(hit.all(1).float().mean())   # every attribute the prompt names is right
     out["fd"] = frechet_distance(gaussian_stats(evaluator.embed(samples)), prompts.reference)
     out["sharpness"] = sharpness(samples, prompts.real)
+    out["denoised_sharpness"] = denoised_sharpness(samples, prompts.real)
+    out["_pred"] = pred
     if concept_axis is not None:
         col = AXIS_COL[concept_axis]
         out["concept_acc"] = float((pred[:, col] == target[:, col]).float().mean())

@@ -5,12 +5,13 @@
         wait while paused; stop?             the job's own Pause / Stop (ComfyUI's Cancel never reaches here)
         with the model turn:                 turns.TURN: never while a prompt runs (it may unload the model)
           for each of grad_accum micro-steps:
-            pairs = choose_examples(...)     which example(s) this micro-step trains on
+            pairs = choose_examples(...)     which example(s) (and caption variant) this micro-step trains on
             ComfyTask.run_pairs:             one batch of one bucket (batches.py)
               load with working memory       memory.load_for_training (re-attaches the LoRA after an unload)
               run the guider                 guided.run_guided: CFGGuider.sample -> calc_cond_batch velocities,
                                              inside the block guard / checkpointing (blocks.py)
               call the objective             Trainer.objective -> dopsd_core.objectives (backward inside)
+            maybe a retention prompt         retention_nodes: the same step on an ordinary prompt, base teacher
           step optimizer and EMA             Trainer.update: clip, NaN guard, AdamW, lr schedule, EMA teacher
         report                               the job's status and dopsd.progress event (nodes/jobs.py)
         every save_every steps: save         training_state.pt + loras/<save_prefix>_stepNNNNN.safetensors
@@ -21,6 +22,7 @@ state); this module decides when and where it runs in ComfyUI. nodes/jobs.py own
 its status and events; it calls `Training.run()` on its thread and nothing else of the loop.
 """
 import contextlib
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass
@@ -36,6 +38,7 @@ from ...dopsd_core import sampler
 from ...dopsd_core.train import StepClock, Trainer, TrainResult
 from ..pairs import Pair, detached_copy
 from ..teacher_nodes import decode_images
+from .. import retention_nodes
 from . import batches, blocks, guided, lora_patch, memory, turns
 
 MAX_STEP_ATTEMPTS = 3     # tries of one micro-step whose model was unloaded midway, before the job gives up
@@ -55,16 +58,42 @@ class Options:
     resume_from: str = ""                            # a training_state.pt of a job with the same settings
     inference_sigmas: Optional[torch.Tensor] = None  # the sampler's schedule, for previews
     job_dir: str = ""                                # output/dopsd_jobs/<job id>: training_state.pt
+    retention: Optional[dict] = None                 # retention_nodes.for_job's spec; None: the paper's method
 
 
 # -- which example(s) a micro-step trains on ----------------------------------------------------------
 check_batchable = batches.check_batchable   # the trainer node's check before a job with batch_size > 1 starts
 
 
-def choose_examples(trainer: Trainer, pairs: List[Pair]) -> List[Pair]:
+def choose_examples(trainer: Trainer, pairs: List[Pair], examples=None) -> List[Pair]:
     """The pairs of the next micro-step: a batch of one bucket (batches.bucket_key) from the trainer's seeded,
-    resumable order, every pair once per epoch. The one place that decides what a micro-step trains on."""
-    return [pairs[i] for i in trainer.next_batch()]
+    resumable order, every pair once per epoch. The one place that decides what a micro-step trains on.
+
+    `examples` (recipe_bridge.ExampleSetup, from the trainer node) picks each pair's caption variant for this
+    epoch (multi-caption rows, caption dropout; seeded by the job seed, so a resumed job draws the same) and,
+    for the official klein recipe, sets the rollout states for the pair's resolution."""
+    indices = trainer.next_batch()
+    if examples is None:
+        return [pairs[i] for i in indices]
+    chosen = []
+    for i in indices:
+        conds = examples.begin(i)
+        chosen.append(dataclasses.replace(pairs[i], student=conds["positive"], teacher=conds["teacher"]))
+    return chosen
+
+
+def check_variants_batchable(pairs: List[Pair], batch_size: int):
+    """Before a job starts: with batch_size > 1 every caption variant of a pair must stack like the pair itself
+    (the same conditioning layout), since a micro-step may draw any of them. ValueError naming the fix."""
+    if batch_size <= 1:
+        return
+    for p in pairs:
+        for caption, student, teacher, _ in p.variants:
+            if batches.bucket_key(dataclasses.replace(p, student=student, teacher=teacher)) != batches.bucket_key(p):
+                raise ValueError(f"batch_size {batch_size}: the caption {caption!r} of an image tokenizes to another "
+                                 f"length than its first caption {p.caption!r}, so the captions drawn per epoch could "
+                                 "not share a batch. Use batch_size 1 with grad_accum "
+                                 f"{batch_size} for the same effective batch, or caption_sampling 'first caption'")
 
 
 # -- one micro-step: load, guider, objective ------------------------------------------------------------
@@ -155,7 +184,8 @@ class ComfyTask:
                 outcome["lost"] = True
                 return None
             student, teacher = net.predictors(guided.velocity_fn(model_wrap, model_options, "positive"),
-                                              guided.velocity_fn(model_wrap, model_options, "teacher"))
+                                              guided.velocity_fn(model_wrap, model_options, "teacher"),
+                                              getattr(pair, "teacher_mode", "teacher"))  # "off": retention
             try:
                 return compute(student, teacher, latent)
             finally:  # (guider.sample itself ejects and re-injects around sampling, which is harmless)
@@ -231,6 +261,8 @@ class Training:
         self.pairs: Optional[List[Pair]] = None
         self.attachment = self.task = None
         self.trainer: Optional[Trainer] = None
+        self.examples = None   # recipe_bridge.ExampleSetup (the trainer node sets it): caption variants, states
+        self.retention = None  # dopsd_core.retention.RetentionMix over the task, when the job has retention
         self.result: Optional[TrainResult] = None   # step, all losses (a resumed run's too), stopped
 
     def setup(self):
@@ -239,6 +271,9 @@ class Training:
         self.task = ComfyTask(self.model, self.net, self.pairs, self.cfg.seed, self.attachment,
                               self.options.gradient_checkpointing, self.cfg.precision)
         self.trainer = Trainer(self.net, self.task, self.cfg, control=self.control)
+        self.retention = retention_nodes.with_retention(self.task, self.options.retention, self.cfg.seed)
+        if self.examples is not None:
+            self.examples.pairs, self.examples.trainer = self.pairs, self.trainer
         if self.options.resume_from:
             try:
                 ckpt.load_checkpoint(self.options.resume_from, self.trainer)
@@ -246,6 +281,7 @@ class Training:
                 raise ValueError(f"cannot resume from {self.options.resume_from}: it is not a training_state.pt of "
                                  f"a job with the same settings ({type(e).__name__}: {e})") from e
             self.job.step = self.trainer.step   # the status starts where the resumed run left off
+            retention_nodes.after_resume(self.retention, self.trainer)
 
     def run(self) -> Tuple[str, Optional[str]]:
         """Train to the end or a stop; returns the final state ("finished" | "stopped") and, when the job
@@ -281,8 +317,11 @@ class Training:
                 trainer.zero_grad()
                 loss = 0.0
                 for _ in range(cfg.grad_accum):
-                    pairs = choose_examples(trainer, self.pairs)
+                    pairs = choose_examples(trainer, self.pairs, self.examples)
                     loss += self.task.run_pairs(pairs, trainer.objective).loss / cfg.grad_accum
+                    if self.retention is not None:  # on-policy retention: maybe one ordinary prompt too
+                        kept = self.retention.after(pairs[0], trainer.objective)
+                        loss += kept.loss / cfg.grad_accum if kept is not None else 0.0
                 trainer.update(loss)
             self.job.step_done(trainer.progress(loss, clock))
             refuse_blind_teacher(cfg.method, self.job.losses)
@@ -341,3 +380,4 @@ class Training:
         with torch.no_grad():
             self.net.to("cpu")
         self.model = self.trainer = self.task = self.pairs = self.pairs_in = self.vae = self.attachment = None
+        self.examples = self.retention = None
