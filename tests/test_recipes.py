@@ -255,6 +255,7 @@ def test_klein_recipe_on_the_trainer_sets_every_knob_and_records_it(N, R, flux2,
     folder_paths.folder_names_and_paths["loras"] = ([str(tmp_path)], old[1])
     try:
         job, out = run_recipe_job(N, model, pairs, R.KLEIN, save_prefix="klein_recipe", rank=2, learning_rate=0.5)
+        examples = job.training.examples  # the job releases its training (and this) when it ends
         wait_state(job, ("running", "error", "finished"))
         job.stop(save=True)
         assert wait_state(job, ("stopped", "error", "finished")) == "stopped", job.error
@@ -266,8 +267,8 @@ def test_klein_recipe_on_the_trainer_sets_every_knob_and_records_it(N, R, flux2,
     assert (cfg.steps, cfg.lr, cfg.loss_space, cfg.grad_accum, cfg.batch_size, cfg.precision) == \
         (3001, 2e-5, "x0", 4, 1, "bf16")
     assert job.net.loras[0].rank == 64 and job.net.loras[0].alpha == 128.0
-    assert job.setup.drawn and job.setup.drawn[0][2] == "a red sks circle"  # the step went through the hook
-    assert job.step >= 1 and len(job.setup.drawn) == 4 * job.step  # effective batch 4: 4 examples per update
+    assert examples.drawn and examples.drawn[0][2] == "a red sks circle"  # the step went through the hook
+    assert job.step >= 1 and len(examples.drawn) == 4 * job.step  # effective batch 4: 4 examples per update
     st = job.status()["recipe"]
     assert st["recipe"] == R.KLEIN and st["recipe_settings"]["rollout"] == "scheduler"
     from safetensors import safe_open
