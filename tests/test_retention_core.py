@@ -97,7 +97,7 @@ def test_retention_step_on_the_untouched_lora_has_loss_exactly_zero():
     ctx = prompts[0]
     student, base = net.predictors(lambda x, s: model(x, s, ctx), lambda x, s: model(x, s, ctx), teacher_mode="off")
     trainer = Trainer(net, task, TrainConfig(steps=1))
-    assert trainer._compute(student, base, task.x0s[0]).loss == 0.0
+    assert trainer.objective(student, base, task.x0s[0]).loss == 0.0
     assert mix.next_draw() is None  # and position 0 never draws one
 
 
