@@ -110,3 +110,20 @@ def test_trainer_node_trains_batches_per_bucket_and_refuses_a_set_that_cannot_ba
     mixed = make_pairs(N, clip, vae, ["a [trigger] cat", "a [trigger] bird"], [64, 32])
     with pytest.raises(ValueError, match="would batch nothing.*batch_size 1 with grad_accum 2"):
         start_job(N, model, mixed, steps=1, batch_size=2)
+
+
+def test_caption_variants_that_cannot_share_a_batch_are_refused_before_the_job(N, zimage):
+    """Multi-caption rows: any variant may be drawn in any epoch, so with batch_size > 1 each must stack like the
+    pair's first caption; a variant of another token length is refused with the fix (batch 1 + grad_accum)."""
+    import dataclasses
+
+    from comfyui_dopsd.nodes.comfy_bridge import training
+    _, clip, vae = zimage
+    pairs = make_pairs(N, clip, vae, SAME_LENGTH, [64, 64])
+    longer = make_pairs(N, clip, vae, ["a red [trigger] cat sitting on a green sofa in the afternoon sun"], [64])[0]
+    same = tuple((p.caption, p.student, p.teacher, None) for p in pairs)
+    training.check_variants_batchable([dataclasses.replace(pairs[0], variants=same)], 2)  # same length: fine
+    mixed = dataclasses.replace(pairs[0], variants=same[:1] + ((longer.caption, longer.student, longer.teacher, None),))
+    with pytest.raises(ValueError, match="grad_accum 2"):
+        training.check_variants_batchable([mixed, pairs[1]], 2)
+    training.check_variants_batchable([mixed, pairs[1]], 1)  # batch 1: any variant runs alone

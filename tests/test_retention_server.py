@@ -134,3 +134,28 @@ def test_a_clip_of_another_width_is_refused_with_the_fix(server):
     assert entry["status"]["status_str"] == "error"
     text = str(entry["status"]["messages"])
     assert "retention conditioning has width" in text and "Connect the same CLIP to D-OPSD Retention Prompts" in text
+
+
+def test_retention_joins_batches_of_two(server):
+    """batch_size 2 (two same-size images, one caption): a drawn retention prompt runs after the concept batch."""
+    def batched(**kw):
+        g = graph(**kw)
+        g["15"] = {"class_type": "RepeatImageBatch", "inputs": {"image": ["10", 0], "amount": 2}}
+        g["11"]["inputs"]["images"] = ["15", 0]
+        return g
+
+    def run(**kw):
+        entry = run_prompt(server, batched(**kw))
+        assert entry["status"]["status_str"] == "success", entry["status"]
+        job_id = entry["outputs"]["13"]["dopsd_job"][0]
+        st = wait_for(lambda: (s := server.get_json(f"/dopsd/jobs/{job_id}"))["state"] in
+                      ("finished", "error", "stopped") and s, what="the job to end")
+        assert st["state"] == "finished", st["error"]
+        return [loss for _, loss in st["losses"]]
+
+    steps, ratio = 6, 0.4
+    draws = retention.schedule(seed=0, ratio=ratio, n_prompts=5, micro_steps=steps)
+    first = next(i for i, d in enumerate(draws) if d is not None)
+    base = run(steps=steps, ema_decay=0.0, batch_size=2)
+    mixed = run(steps=steps, ema_decay=0.0, batch_size=2, retention_ratio=ratio)
+    assert mixed[:first] == base[:first] and mixed[first] > base[first], (first, base, mixed)
