@@ -1,6 +1,6 @@
 """What the pack's ComfyUI plumbing costs on top of a raw D-OPSD step: step time and activation memory.
 
-Run: .venv/bin/python benchmarks/bench_pack_step.py [--reps 15] [--warmup 2] [--dim 384] [--layers 6] [--size 32]
+Run: .venv/bin/python benchmarks/bench_pack_step.py [--reps 31] [--warmup 2] [--dim 384] [--layers 6] [--size 32]
 
 Model: ComfyUI's own Z-Image class (supported_models.ZImage -> NextDiT) with random weights, built through the
 test fixtures, medium-sized so the passes dominate (width --dim, --layers blocks + 2 refiners, latent
@@ -79,7 +79,7 @@ def build(args, N):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=15)
+    ap.add_argument("--reps", type=int, default=31)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--layers", type=int, default=6)
@@ -135,7 +135,7 @@ def main():
             if ck is not None:
                 ck.remove()
             handle.remove()
-            lora_patch._restore(swapped)
+            lora_patch._restore(swapped, [])
 
     def measure_time(fn, checkpointing):
         for p in net.trainable_parameters():
