@@ -24,6 +24,13 @@ class Previews(TypedDict):
     teacher: Optional[ImageRef]
 
 
+class RecipeInfo(TypedDict, total=False):
+    """The trainer's recipe (dopsd_core/recipes.py) and every setting it resolved to, as the LoRA metadata records
+    them (dopsd.recipe, dopsd.recipe_settings); {} for a job built outside the trainer node."""
+    recipe: str
+    recipe_settings: dict
+
+
 class JobStatus(TypedDict):
     """One job as the routes serve it. losses: [[step, loss], ...], at most MAX_CHART_POINTS (jobs.py); error: the
     failure or the reason a job stopped itself; checkpoints: paths of the files written so far; lora_path: the
@@ -43,14 +50,7 @@ class JobStatus(TypedDict):
     checkpoints: List[str]
     lora_path: Optional[str]
     previews: Optional[Previews]
-    recipe: "RecipeInfo"
-
-
-class RecipeInfo(TypedDict, total=False):
-    """The trainer's recipe (dopsd_core/recipes.py) and every setting it resolved to, as the LoRA metadata records
-    them (dopsd.recipe, dopsd.recipe_settings); {} for a job built outside the trainer node."""
-    recipe: str
-    recipe_settings: dict
+    recipe: RecipeInfo
 
 
 class ProgressEvent(TypedDict):
