@@ -181,20 +181,21 @@ class Job:
         return self
 
     def _run(self):
+        final = ("error", None)
         try:
             with interrupts.shielded(), torch.inference_mode(False), torch.enable_grad():
-                state, reason = self.training.run()
+                final = self.training.run()
             self.result = self.training.result
-            self._set_state(state, reason)
         except Exception as e:  # reaches the user as job state + event + log, never silently
             self.error = f"{type(e).__name__}: {e}"
             self.traceback = traceback.format_exc()
             logging.error("D-OPSD job %s failed at step %d:\n%s", self.job_id, self.step, self.traceback)
-            self._set_state("error", self.error)
+            final = ("error", self.error)
         finally:
             try:
                 self._release()
-            finally:
+            finally:  # the final state only once the model is released: "finished" means the model is free again
+                self._set_state(*final)
                 self.done.set()
                 with _LOCK:
                     _forget_old_jobs()
