@@ -569,6 +569,11 @@ def thumbnail(page, path, width=480):
     img.save(path, "JPEG", quality=85, optimize=True)
 
 
+def build_in_page(page, spec: dict) -> dict:
+    """The UI-format workflow the frontend in `page` saves for `spec` (BUILD_JS returns it as Save's JSON text)."""
+    return json.loads(page.evaluate(f"({BUILD_JS})({json.dumps(spec)})"))
+
+
 def build_all(server_url, page, thumbnails_to=None):
     from browser import wait_for
 
@@ -577,7 +582,7 @@ def build_all(server_url, page, thumbnails_to=None):
              timeout=90, message="ComfyUI frontend")
     out = {}
     for name, make in WORKFLOWS_SPEC.items():
-        wf = json.loads(page.evaluate(f"({BUILD_JS})({json.dumps(prepare_spec(make()))})"))
+        wf = build_in_page(page, prepare_spec(make()))
         wf.pop("id", None)  # a fresh id is made when the file is opened
         out[name] = wf
         if thumbnails_to is not None:

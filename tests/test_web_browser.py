@@ -204,7 +204,7 @@ def test_workflow_files_are_what_make_workflows_builds(page):
     outputs) are not compared, so one set of files serves both frontends."""
     for name, make in make_workflows.WORKFLOWS_SPEC.items():
         spec = make_workflows.prepare_spec(make())
-        built = page.evaluate(f"({make_workflows.BUILD_JS})({json.dumps(spec)})")
+        built = make_workflows.build_in_page(page, spec)
         shipped = json.loads((T.WORKFLOW_DIR / f"{name}.json").read_text(encoding="utf-8"))
         diff = make_workflows.essentials_diff(built, shipped)
         assert diff == [], f"{name}.json is stale: run `.venv/bin/python tests/make_workflows.py`: {diff}"
@@ -216,7 +216,7 @@ def test_training_job_in_the_browser_progress_chart_pause_stop_reload(page, sess
     wf = T.tiny_workflow(T.load(T.TRAIN_KLEIN), object_info, train_steps=100000, preview_every=2, save_prefix=prefix)
     load_workflow(page, wf)
     tid = trainer_id(page)
-    focus_node(page, tid)
+    focus_node(page, tid, scale=0.6, dy=40)  # the whole trainer (about 30 widgets) and its card in the viewport
     page.locator(RUN_BUTTON).click()
 
     # progress and loss chart update, read through the page
