@@ -74,8 +74,8 @@ def run_prompt(server, g):
     return wait_for(done, what=f"prompt {prompt_id}")
 
 
-def train(server, **kw):
-    entry = run_prompt(server, graph(**kw))
+def train(server, make=graph, **kw):
+    entry = run_prompt(server, make(**kw))
     assert entry["status"]["status_str"] == "success", entry["status"]
     job_id = entry["outputs"]["13"]["dopsd_job"][0]
     st = wait_for(lambda: (s := server.get_json(f"/dopsd/jobs/{job_id}"))["state"] in ("finished", "error", "stopped")
@@ -145,13 +145,7 @@ def test_retention_joins_batches_of_two(server):
         return g
 
     def run(**kw):
-        entry = run_prompt(server, batched(**kw))
-        assert entry["status"]["status_str"] == "success", entry["status"]
-        job_id = entry["outputs"]["13"]["dopsd_job"][0]
-        st = wait_for(lambda: (s := server.get_json(f"/dopsd/jobs/{job_id}"))["state"] in
-                      ("finished", "error", "stopped") and s, what="the job to end")
-        assert st["state"] == "finished", st["error"]
-        return [loss for _, loss in st["losses"]]
+        return [loss for _, loss in train(server, make=batched, **kw)[1]["losses"]]
 
     steps, ratio = 6, 0.4
     draws = retention.schedule(seed=0, ratio=ratio, n_prompts=5, micro_steps=steps)
