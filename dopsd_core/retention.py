@@ -14,7 +14,9 @@ paper's method, bit for bit; ratio 1 adds the term to every step. The very first
 on the untouched (zero) LoRA the retention loss is exactly 0.
 
 The draws are a pure function of (seed, micro-step position), never of a shared generator, so a resumed run
-draws exactly what the uninterrupted one did once `seek(position)` is set (RetentionMix.seek_step).
+draws exactly what the uninterrupted one did once `seek(position)` is set (RetentionMix.seek_step), provided it
+mixes with the same settings: `RetentionMix.settings()` goes into the exact-resume state (the Trainer's
+`extras["retention"]`) and `resume_mismatch` says how a resumed run's settings differ from the checkpoint's.
 
 Measured in the toy world: toyworld/README.md and the README's "Toy-world results".
 """
@@ -110,15 +112,22 @@ class RetentionMix:
     `run_retention(index, prompt_indices, compute)` (the host's) runs the drawn retention prompts at that
     example's size with `net.predictors(student_fn, base_fn, teacher_mode="off")` through `compute`, i.e. the
     Trainer's D-OPSD step (its own backward, the same loss scale). The micro-step's loss is the sum.
-    Only method "dopsd" makes sense (SFT/off-policy would not roll the student out)."""
+    Only method "dopsd" makes sense (SFT/off-policy would not roll the student out).
+
+    `prompts` (optional): the retention prompts' texts, in index order. They only go into settings(), so that a
+    resume can tell other prompts from the checkpoint's; a host without texts leaves it empty.
+    """
 
     def __init__(self, task, n_prompts: int, ratio: float, seed: int, run_retention: RunRetention,
-                 per_step: int = 1):
+                 per_step: int = 1, prompts: Sequence[str] = ()):
         if not 0.0 <= ratio <= 1.0:
             raise ValueError(f"retention ratio must be in [0, 1], got {ratio}")
         if n_prompts < 1:
             raise ValueError("retention needs at least one prompt")
+        if prompts and len(prompts) != n_prompts:
+            raise ValueError(f"{len(prompts)} retention prompt texts for n_prompts {n_prompts}")
         self.task, self.n_prompts, self.ratio, self.seed = task, n_prompts, float(ratio), int(seed)
+        self.prompts = [str(p) for p in prompts]
         self.run_retention, self.per_step = run_retention, per_step
         self.position = 0                      # micro-steps run so far
         self.log: List[Optional[List[int]]] = []   # the draws of this process (tests, diagnostics)
@@ -128,6 +137,12 @@ class RetentionMix:
 
     def bucket(self, index):
         return self.task.bucket(index) if hasattr(self.task, "bucket") else 0
+
+    def settings(self) -> dict:
+        """Everything that decides which retention examples this mix adds, as plain values for the exact-resume
+        state (a resumed run compares them with resume_mismatch): ratio, seed, per_step, n_prompts, prompts."""
+        return {"ratio": self.ratio, "seed": self.seed, "per_step": int(self.per_step),
+                "n_prompts": int(self.n_prompts), "prompts": list(self.prompts)}
 
     def seek(self, position: int):
         self.position = int(position)
@@ -161,3 +176,41 @@ class RetentionMix:
 def schedule(seed: int, ratio: float, n_prompts: int, micro_steps: int, per_step: int = 1) -> List[Optional[List[int]]]:
     """The draws of micro-steps 0..micro_steps-1 (what a RetentionMix with these settings will do)."""
     return [draw(seed, i, ratio, n_prompts, per_step) for i in range(micro_steps)]
+
+
+def describe(settings: Optional[dict]) -> str:
+    """A RetentionMix.settings() (None: no retention) in words, e.g. "retention ratio 0.5 and 5 retention
+    prompts ('a photo of a dog', 'a red car', ...)"."""
+    if settings is None:
+        return "no retention"
+    texts = list(settings.get("prompts") or [])
+    shown = ", ".join(repr(t) for t in texts[:2]) + (", ..." if len(texts) > 2 else "")
+    return (f"retention ratio {settings['ratio']:g} and {settings['n_prompts']} retention prompts"
+            + (f" ({shown})" if shown else ""))
+
+
+def resume_mismatch(saved: Optional[dict], current: Optional[dict]) -> Optional[str]:
+    """Why a run resumed with retention `current` does not continue a checkpoint trained with `saved` (both
+    RetentionMix.settings() or None for no retention) as the uninterrupted run would; None when they agree.
+    The sentence names both settings and what differs; the host adds how to fix it in its own terms."""
+    if saved == current:
+        return None
+    if saved is None or current is None:
+        return f"the checkpoint was trained with {describe(saved)}; this run has {describe(current)}"
+    what = []
+    if float(saved["ratio"]) != float(current["ratio"]):
+        what.append(f"ratio {saved['ratio']:g} -> {current['ratio']:g}")
+    old, new = list(saved.get("prompts") or []), list(current.get("prompts") or [])
+    if int(saved["n_prompts"]) != int(current["n_prompts"]) or old != new:
+        added, gone = [p for p in new if p not in old], [p for p in old if p not in new]
+        if not added and not gone and old and new:
+            what.append("the same prompts in another order")
+        else:
+            what.append(f"prompts {saved['n_prompts']} -> {current['n_prompts']}"
+                        + (f", new: {', '.join(repr(p) for p in added[:2])}" if added else "")
+                        + (f", gone: {', '.join(repr(p) for p in gone[:2])}" if gone else ""))
+    for key in ("seed", "per_step"):
+        if saved.get(key) != current.get(key):
+            what.append(f"{key} {saved.get(key)} -> {current.get(key)}")
+    return (f"the checkpoint was trained with {describe(saved)}; this run has {describe(current)} "
+            f"({'; '.join(what) or 'other settings'})")

@@ -198,6 +198,11 @@ class Trainer:
         self.sigmas = torch.tensor([float(s) for s in cfg.rollout_sigmas])
         self.checkpoints = CheckpointManager(checkpoint_dir, cfg.keep_checkpoints) if checkpoint_dir else None
         self.last_checkpoint: Optional[str] = None
+        # Host settings outside TrainConfig that decide the run (e.g. "retention": RetentionMix.settings()), as
+        # plain values: saved with the state, so that after a resume the host can compare them with its own.
+        self.extras: Dict[str, object] = {}
+        self.resumed_extras: Optional[Dict] = None  # the loaded checkpoint's extras; None: older checkpoint / none
+        self.resume_warnings: List[str] = []        # how this run's settings differ from the loaded checkpoint's
 
     # -- one micro-step ----------------------------------------------------------------------------
     def _noise(self, x0: torch.Tensor) -> torch.Tensor:
@@ -326,6 +331,7 @@ class Trainer:
             "data_order": self.order.state_dict(),
             "rng": capture_rng(self.generator),
             "losses": list(self.losses),
+            "extras": dict(self.extras),
         }
 
     def load_state_dict(self, state: Dict):
@@ -339,9 +345,11 @@ class Trainer:
         current = self.cfg.to_dict()
         changed = [k for k, v in state["config"].items()
                    if k not in ("steps", "save_every", "keep_checkpoints") and current.get(k, v) != v]
+        self.resume_warnings = []
         if changed:
-            warnings.warn(f"resuming with settings that differ from the checkpoint's: {', '.join(changed)}; "
-                          "the continuation will not match an uninterrupted run")
+            self.resume_warnings.append(f"resuming with settings that differ from the checkpoint's: "
+                                        f"{', '.join(changed)}; the continuation will not match an uninterrupted run")
+            warnings.warn(self.resume_warnings[-1])
         self.net.load_state_dict(state["lora"])
         for m, alpha in zip(self.net.loras, state.get("lora_alphas", [m.alpha for m in self.net.loras])):
             m.alpha = float(alpha)
@@ -354,6 +362,7 @@ class Trainer:
         self.step = int(state["step"])
         self.run_id = state["run_id"]
         self.losses = list(state["losses"])
+        self.resumed_extras = dict(state["extras"]) if isinstance(state.get("extras"), dict) else None
 
     def resume(self, path: str) -> "Trainer":
         """Load a checkpoint file, or the latest checkpoint of a folder."""

@@ -33,8 +33,10 @@ class RecipeInfo(TypedDict, total=False):
 
 class JobStatus(TypedDict):
     """One job as the routes serve it. losses: [[step, loss], ...], at most MAX_CHART_POINTS (jobs.py); error: the
-    failure or the reason a job stopped itself; checkpoints: paths of the files written so far; lora_path: the
-    last LoRA file written under save_prefix; prompt_id: the prompt whose trainer node started the job."""
+    failure or the reason a job stopped itself; warnings: what the user should know that did not stop the job
+    (e.g. it resumed a checkpoint trained with other settings), oldest first; checkpoints: paths of the files
+    written so far; lora_path: the last LoRA file written under save_prefix; prompt_id: the prompt whose trainer
+    node started the job."""
     job_id: str
     node_id: str
     prompt_id: str
@@ -47,6 +49,7 @@ class JobStatus(TypedDict):
     eta_s: Optional[float]
     losses: List[List[float]]
     error: Optional[str]
+    warnings: List[str]
     checkpoints: List[str]
     lora_path: Optional[str]
     previews: Optional[Previews]

@@ -61,6 +61,7 @@ class Job:
         self.losses: List[List[float]] = []
         self.error: Optional[str] = None
         self.traceback: Optional[str] = None
+        self.warnings: List[str] = []   # events.JobStatus.warnings: said to the user, the job goes on
         self.checkpoints: List[str] = []
         self.saved_step: Optional[int] = None   # the step of the last LoRA file written under save_prefix
         self.lora_path: Optional[str] = None
@@ -95,7 +96,7 @@ class Job:
             job_id=self.job_id, node_id=self.node_id, prompt_id=self.prompt_id, method=self.cfg.method,
             state=self.state, step=self.step, total_steps=self.cfg.steps, loss=self.loss,
             its_per_sec=self.its_per_sec, eta_s=self.eta_s, losses=list(losses), error=self.error,
-            checkpoints=list(self.checkpoints), lora_path=self.lora_path, previews=self.previews,
+            warnings=list(self.warnings), checkpoints=list(self.checkpoints), lora_path=self.lora_path, previews=self.previews,
             recipe=events.RecipeInfo(**self.recipe_info))
 
     def _set_state(self, state: str, error: Optional[str] = None):
@@ -163,6 +164,13 @@ class Job:
         self.checkpoints.append(path)
         if is_lora:
             self.lora_path, self.saved_step = path, step
+        events.send("dopsd.state", self.status())
+
+    def warn(self, message: str):
+        """Tell the user something that does not stop the job: the status's `warnings` (the card shows them) and
+        the log."""
+        self.warnings.append(message)
+        logging.warning("D-OPSD job %s: %s", self.job_id, message)
         events.send("dopsd.state", self.status())
 
     def preview_ready(self, step: int, refs: dict):

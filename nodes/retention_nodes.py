@@ -6,6 +6,8 @@ trigger word removed, and generated variations) with a CLIP into a RETENTION val
 pull it towards the frozen base model (LoRA off, the same text-only conditioning): the D-OPSD loss with the base
 as teacher, which keeps the concept from bleeding into every prompt. dopsd_core/retention.py has the rule.
 """
+from typing import Optional
+
 import torch
 from comfy_api.latest import io
 
@@ -94,13 +96,36 @@ def with_retention(task, spec, seed: int):
         pair.teacher_mode = "off"
         return task.run_pairs([pair], compute)
 
-    return core.RetentionMix(task, len(conds), spec["ratio"], seed, run_retention)
+    return core.RetentionMix(task, len(conds), spec["ratio"], seed, run_retention, prompts=spec["prompts"])
 
 
-def after_resume(mix, trainer):
-    """Continue the retention draws where the resumed run left off (no-op without retention)."""
+def record(mix, trainer):
+    """Put the job's retention settings (None: none) into the trainer's exact-resume state, so that a job
+    resumed from it can tell whether it mixes the same retention (after_resume)."""
+    trainer.extras["retention"] = mix.settings() if isinstance(mix, core.RetentionMix) else None
+
+
+def after_resume(mix, trainer) -> Optional[str]:
+    """Continue the retention draws where the resumed run left off. Returns the warning for the user when the
+    checkpoint was trained with other retention settings (the continuation then differs from the uninterrupted
+    run, as with any other changed setting), or None; a checkpoint from before the settings were stored is
+    not checked."""
     if isinstance(mix, core.RetentionMix):
         mix.seek_step(trainer.step, trainer.cfg.grad_accum)
+    extras = trainer.resumed_extras
+    if extras is None or "retention" not in extras:
+        return None
+    saved = extras["retention"]
+    mismatch = core.resume_mismatch(saved, trainer.extras.get("retention"))
+    if mismatch is None:
+        return None
+    if saved is None:
+        fix = ("To continue it exactly, disconnect D-OPSD Retention Prompts or set retention_ratio 0; to add "
+               "retention from here on, keep it so")
+    else:
+        fix = (f"To continue it exactly, connect the same D-OPSD Retention Prompts (prompts, pairs, trigger, "
+               f"variations, seed) with retention_ratio {saved['ratio']:g}, or start a new job (empty resume_from)")
+    return f"resume_from: {mismatch}, so the continuation will not match an uninterrupted run. {fix}."
 
 
 NODES = [DOPSDRetentionPrompts]

@@ -226,6 +226,12 @@ def test_resume_from_training_state_continues_and_bad_file_is_named(N, flux2, lo
     second, _ = start_job(N, model, pairs, steps=4, resume_from=state, save_prefix="dopsd/resumable", save_every=2)
     assert wait_state(second, ("finished", "error")) == "finished", second.error
     assert second.step == 4 and len(second.result.losses) == 4  # the trainer itself is released at the end
+    assert second.warnings == [] and second.status()["warnings"] == []
+    # another learning rate: the job trains on, and its status (the card) says it is no exact continuation
+    changed, _ = start_job(N, model, pairs, steps=3, resume_from=state, learning_rate=5e-3)
+    assert wait_state(changed, ("finished", "error")) == "finished", changed.error
+    assert changed.status()["warnings"] == ["resuming with settings that differ from the checkpoint's: lr; the "
+                                            "continuation will not match an uninterrupted run"]
     assert sorted(os.listdir(loras_dir / "dopsd")) == ["resumable_step00002.safetensors",
                                                        "resumable_step00004.safetensors"]
     bad = os.path.join(os.path.dirname(first.job_dir), "broken", "training_state.pt")

@@ -123,3 +123,50 @@ def test_resume_continues_the_draw_sequence_and_the_weights(tmp_path):
     assert any(d is not None for d in mix_c.log) and any(d is None for d in mix_c.log)
     for k, v in net_a.state_dict().items():
         assert torch.equal(v, net_c.state_dict()[k]), k
+
+
+def test_the_exact_resume_state_carries_the_retention_settings(tmp_path):
+    """The settings that decide the draws and their prompts travel in the checkpoint (Trainer.extras), so a
+    resumed run can compare its own with them; a checkpoint written before extras existed still loads."""
+    texts = ["a dog", "a red car", "a photo of a cat", "a cat outdoors", "two of a dog"]
+    model, net, task, prompts = make()
+    mix = retention.RetentionMix(task, len(prompts), 0.5, 9, None, prompts=texts)
+    t = Trainer(net, task, TrainConfig(steps=2, lr=5e-3))
+    t.extras["retention"] = mix.settings()
+    t.train()
+    path = checkpoint.save_checkpoint(str(tmp_path / "state.pt"), t)
+
+    _, net_b, task_b, _ = make()
+    resumed = Trainer(net_b, task_b, TrainConfig(steps=4, lr=5e-3))
+    checkpoint.load_checkpoint(path, resumed)
+    saved = resumed.resumed_extras["retention"]
+    assert saved == {"ratio": 0.5, "seed": 9, "per_step": 1, "n_prompts": 5, "prompts": texts}
+    assert retention.resume_mismatch(saved, mix.settings()) is None
+
+    old = torch.load(path, weights_only=True)
+    del old["extras"]
+    _, net_c, task_c, _ = make()
+    legacy = Trainer(net_c, task_c, TrainConfig(steps=4, lr=5e-3))
+    legacy.load_state_dict(old)
+    assert legacy.step == 2 and legacy.resumed_extras is None
+
+
+def test_resume_mismatch_says_what_differs_from_the_checkpoint():
+    texts = ["a dog", "a red car", "a photo of a cat"]
+    saved = retention.RetentionMix([], 3, 0.5, 0, None, prompts=texts).settings()
+
+    def other(ratio=0.5, seed=0, prompts=texts):
+        return retention.RetentionMix([], len(prompts), ratio, seed, None, prompts=prompts).settings()
+
+    assert retention.resume_mismatch(saved, other()) is None
+    assert retention.resume_mismatch(None, None) is None
+    msg = retention.resume_mismatch(saved, other(ratio=0.25))
+    assert msg.startswith("the checkpoint was trained with retention ratio 0.5 and 3 retention prompts ('a dog', "
+                          "'a red car', ...); this run has retention ratio 0.25") and "(ratio 0.5 -> 0.25)" in msg
+    msg = retention.resume_mismatch(saved, other(prompts=["a dog", "a blue bus", "a photo of a cat", "a tree"]))
+    assert "prompts 3 -> 4, new: 'a blue bus', 'a tree', gone: 'a red car'" in msg
+    assert "another order" in retention.resume_mismatch(saved, other(prompts=texts[::-1]))
+    assert "seed 0 -> 4" in retention.resume_mismatch(saved, other(seed=4))
+    assert retention.resume_mismatch(saved, None).endswith("this run has no retention")
+    assert retention.resume_mismatch(None, saved).startswith("the checkpoint was trained with no retention; "
+                                                             "this run has retention ratio 0.5")

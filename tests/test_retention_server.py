@@ -3,7 +3,9 @@
 - ratio 0 with the retention input wired trains bit for bit as without it;
 - ratio > 0 adds retention losses whose teacher is the frozen base model (with ema_decay 0 an EMA teacher would
   equal the student on the same text-only condition, loss exactly 0; the base gives > 0);
-- a resumed job draws the retention steps the uninterrupted job drew (same LoRA bits);
+- a resumed job draws the retention steps the uninterrupted job drew (same LoRA bits), and says nothing;
+- a job resumed with other retention (ratio, prompts, none, or some where the checkpoint had none) trains on and
+  tells the user in its status's `warnings` (the card and a toast show them), naming the fix;
 - a CLIP of the wrong width is refused with an error that names the fix.
 """
 import time
@@ -21,7 +23,7 @@ pytestmark = pytest.mark.server
 PROMPTS = "a photo of a dog\na red car"
 
 
-def graph(retention_ratio=None, clip="2", **settings):
+def graph(retention_ratio=None, clip="2", prompts=PROMPTS, **settings):
     trainer = dict(model=["4", 0], pairs=["12", 0], method="dopsd", steps=4, inference_steps=4, train_steps=4,
                    schedule="auto", loss_space="x0", rank=4, alpha=4.0, learning_rate=0.01, ema_decay=0.9,
                    ema_warmup=False, detach_states=True, precision="fp32", grad_accum=1, grad_clip=1.0,
@@ -43,7 +45,7 @@ def graph(retention_ratio=None, clip="2", **settings):
     }
     if retention_ratio is not None:
         g["14"] = {"class_type": "DOPSDRetentionPrompts", "inputs": {
-            "clip": [clip, 0], "prompts": PROMPTS, "pairs": ["12", 0], "trigger": "sks", "variations": 2, "seed": 0}}
+            "clip": [clip, 0], "prompts": prompts, "pairs": ["12", 0], "trigger": "sks", "variations": 2, "seed": 0}}
         trainer.update(retention=["14", 0], retention_ratio=retention_ratio)
     return g
 
@@ -125,8 +127,34 @@ def test_resumed_job_draws_what_the_uninterrupted_job_drew(server):
     first, _ = train(server, steps=3, retention_ratio=0.5, save_every=3)
     draws = retention.schedule(seed=0, ratio=0.5, n_prompts=5, micro_steps=6)
     assert any(d is not None for d in draws[3:]) and any(d is None for d in draws[3:])
-    train(server, steps=6, retention_ratio=0.5, save_prefix="ret/resumed", resume_from=first)
+    _, resumed = train(server, steps=6, retention_ratio=0.5, save_prefix="ret/resumed", resume_from=first)
     assert same_tensors(lora_file(server, "ret/full", 6), lora_file(server, "ret/resumed", 6))
+    assert resumed["warnings"] == []
+
+
+def test_resume_with_other_retention_warns_the_user_with_the_fix(server):
+    """The checkpoint records the retention it was trained with; a resume with other retention still trains (like
+    any other changed setting) but is no exact continuation, and the job's status says so and how to fix it."""
+    with_retention, _ = train(server, steps=2, retention_ratio=0.5)
+    without, _ = train(server, steps=2)
+    fix = "connect the same D-OPSD Retention Prompts (prompts, pairs, trigger, variations, seed) with retention_ratio 0.5"
+    saved = "the checkpoint was trained with retention ratio 0.5 and 5 retention prompts ('a photo of a dog', 'a red car'"
+
+    def warnings(**kw):
+        _, st = train(server, steps=3, **kw)
+        assert st["step"] == 3
+        return st["warnings"]
+
+    [w] = warnings(resume_from=with_retention, retention_ratio=0.25)
+    assert w.startswith(f"resume_from: {saved}") and "(ratio 0.5 -> 0.25)" in w and fix in w, w
+    assert "will not match an uninterrupted run" in w
+    [w] = warnings(resume_from=with_retention, retention_ratio=0.5, prompts="a photo of a dog\na blue bus")
+    assert w.startswith(f"resume_from: {saved}") and "new: 'a blue bus'" in w and "gone: 'a red car'" in w and fix in w
+    [w] = warnings(resume_from=with_retention)
+    assert w.startswith(f"resume_from: {saved}") and "this run has no retention" in w and fix in w, w
+    [w] = warnings(resume_from=without, retention_ratio=0.5)
+    assert w.startswith("resume_from: the checkpoint was trained with no retention; this run has retention ratio 0.5")
+    assert "disconnect D-OPSD Retention Prompts or set retention_ratio 0" in w, w
 
 
 def test_a_clip_of_another_width_is_refused_with_the_fix(server):

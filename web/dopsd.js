@@ -29,7 +29,7 @@ let lastRefreshError = null;
 function emptyStatus(jobId, nodeId) {
   return {
     job_id: jobId, node_id: nodeId ?? "", prompt_id: "", method: "", state: "waiting", step: 0, total_steps: 0,
-    loss: null, its_per_sec: 0, eta_s: null, losses: [], error: null, checkpoints: [], lora_path: null,
+    loss: null, its_per_sec: 0, eta_s: null, losses: [], error: null, warnings: [], checkpoints: [], lora_path: null,
     previews: null,
   };
 }
@@ -123,7 +123,7 @@ function onProgress(d) {
 
 function notify(severity, summary, detail) {
   try {
-    app.extensionManager?.toast?.add?.({ severity, summary, detail, life: severity === "error" ? 15000 : 6000 });
+    app.extensionManager?.toast?.add?.({ severity, summary, detail, life: severity === "success" ? 6000 : 15000 });
   } catch {
     /* the toast is a nicety; the card shows the same thing */
   }
@@ -132,8 +132,11 @@ function notify(severity, summary, detail) {
 function onState(status) {
   if (!status || !status.job_id) return;
   stats.state++;
-  const before = jobs.get(status.job_id)?.state;
+  const previous = jobs.get(status.job_id);
+  const before = previous?.state;
+  const warned = previous?.warnings?.length ?? 0;
   const job = putStatus(status);
+  for (const warning of (job.warnings || []).slice(warned)) notify("warn", "D-OPSD training", warning);
   if (job.state !== before) {
     if (job.state === "error") notify("error", "D-OPSD training failed", job.error || "unknown error");
     else if (job.state === "finished") notify("success", "D-OPSD training finished", job.lora_path || `job ${job.job_id}`);
@@ -265,6 +268,8 @@ class JobCard {
 
     this.errorEl = el("div", "dopsd-error");
     this.errorEl.hidden = true;
+    this.warningEl = el("div", "dopsd-warning");
+    this.warningEl.hidden = true;
     this.infoEl = el("div", "dopsd-info");
     this.infoEl.hidden = true;
     this.msgEl = el("div", "dopsd-msg");
@@ -288,7 +293,7 @@ class JobCard {
       this.buttons[action] = b;
       buttons.append(b);
     }
-    root.append(head, bar, this.statsEl, this.canvas, this.previewsEl, this.errorEl, this.infoEl, this.msgEl, buttons);
+    root.append(head, bar, this.statsEl, this.canvas, this.previewsEl, this.errorEl, this.warningEl, this.infoEl, this.msgEl, buttons);
     // Keep pointer gestures on the card from starting canvas drags.
     root.addEventListener("pointerdown", (ev) => ev.stopPropagation());
     // Redraw the chart when the card becomes visible or changes size.
@@ -332,6 +337,7 @@ class JobCard {
       this.statsEl.textContent = "";
       this.previewsEl.hidden = true;
       this.errorEl.hidden = true;
+      this.warningEl.hidden = true;
       this.infoEl.hidden = true;
     } else {
       const method = job.method ? job.method.replace("_", "-") : "job";
@@ -373,6 +379,9 @@ class JobCard {
       } else {
         this.errorEl.hidden = true;
       }
+      const warnings = job.warnings || [];
+      this.warningEl.textContent = warnings.map((w) => `Warning: ${w}`).join("\n");
+      this.warningEl.hidden = warnings.length === 0;
       const saved = job.lora_path || (job.checkpoints && job.checkpoints[job.checkpoints.length - 1]);
       if (saved) {
         this.infoEl.textContent = `saved: ${saved}`;
@@ -526,6 +535,7 @@ function cardState(card) {
     stats: card.statsEl.textContent,
     chartPoints: card.drawnPoints,
     error: card.errorEl.hidden ? null : card.errorEl.textContent,
+    warning: card.warningEl.hidden ? null : card.warningEl.textContent,
     previews: card.previewsEl.hidden ? null : Object.fromEntries(
       Object.entries(card.images).map(([role, { img }]) => [role, { src: img.dataset.src, loaded: img.complete && img.naturalWidth > 0 }])),
     buttons: Object.fromEntries(Object.entries(card.buttons).map(([a, b]) => [a, !b.disabled])),

@@ -252,7 +252,7 @@ class Training:
     """One job's training: the model clone, its LoRA (job.net), the pairs and the core Trainer.
 
     `job` (nodes/jobs.Job) supplies cfg, net, control, use_turns, test_hook and save_lora(), and receives the
-    reports: step_done(progress), checkpoint_saved(path, step, is_lora), preview_ready(step, refs).
+    reports: step_done(progress), checkpoint_saved(path, step, is_lora), preview_ready(step, refs), warn(message).
     """
 
     def __init__(self, job, model, pairs: List[Pair], vae, options: Options):
@@ -272,6 +272,7 @@ class Training:
                               self.options.gradient_checkpointing, self.cfg.precision)
         self.trainer = Trainer(self.net, self.task, self.cfg, control=self.control)
         self.retention = retention_nodes.with_retention(self.task, self.options.retention, self.cfg.seed)
+        retention_nodes.record(self.retention, self.trainer)
         if self.examples is not None:
             self.examples.pairs, self.examples.trainer = self.pairs, self.trainer
         if self.options.resume_from:
@@ -281,7 +282,9 @@ class Training:
                 raise ValueError(f"cannot resume from {self.options.resume_from}: it is not a training_state.pt of "
                                  f"a job with the same settings ({type(e).__name__}: {e})") from e
             self.job.step = self.trainer.step   # the status starts where the resumed run left off
-            retention_nodes.after_resume(self.retention, self.trainer)
+            retention_warning = retention_nodes.after_resume(self.retention, self.trainer)
+            for warning in self.trainer.resume_warnings + ([retention_warning] if retention_warning else []):
+                self.job.warn(warning)  # the job trains on; the user sees why it is no exact continuation
 
     def run(self) -> Tuple[str, Optional[str]]:
         """Train to the end or a stop; returns the final state ("finished" | "stopped") and, when the job
