@@ -295,6 +295,40 @@ def test_job_error_is_shown_on_the_node(page, comfy_server, object_info, assets,
     page.screenshot(path=str(shots / "job-error.png"))
 
 
+def test_resume_warning_is_shown_on_the_node(page, comfy_server, object_info, assets, shots):
+    """A job resumed with another setting than its checkpoint's (here the learning rate) trains on, and the card
+    shows the job's warning (JobStatus.warnings) with a toast. tests/test_retention_server.py checks the retention
+    variants of the message through the route."""
+    info = object_info["DOPSDTrainer"]
+    layout = W.widget_layout(info)
+
+    def run(**widgets):
+        wf = T.tiny_workflow(T.load(T.TRAIN_KLEIN), object_info, train_steps=2, preview_every=0, save_prefix="")
+        trainer = next(n for n in wf["nodes"] if n["type"] == "DOPSDTrainer")
+        for name, value in widgets.items():
+            trainer["widgets_values"][layout.index(name)] = value
+        load_workflow(page, wf)
+        tid = trainer_id(page)
+        focus_node(page, tid)
+        page.locator(RUN_BUTTON).click()
+        return tid, wait_for(page, f"(() => {{ const c = __dopsd.nodeCard('{tid}'); return c && c.jobId && "
+                                   "['finished', 'error'].includes(c.state) && c; })()",
+                             timeout=240, message="the job to end on the card")
+
+    _, first = run()
+    assert first["state"] == "finished" and first["warning"] is None, first
+    tid, resumed = run(resume_from=first["jobId"], learning_rate=5e-4, steps=3)
+    assert resumed["state"] == "finished" and resumed["progressText"].startswith("step 3 / 3"), resumed
+    [warning] = comfy_server.get_json(f"/dopsd/jobs/{resumed['jobId']}")["warnings"]
+    assert warning.startswith("resuming with settings that differ from the checkpoint's: lr")
+    assert resumed["warning"] == f"Warning: {warning}"
+    toasts = page.locator(".p-toast-message", has_text="differ from the checkpoint's")
+    toasts.first.wait_for(state="visible", timeout=10_000)
+    assert toasts.count() == 1  # once, however many status updates carry the warning
+    frames_drawn(page, 3)
+    page.screenshot(path=str(shots / "job-resume-warning.png"))
+
+
 def test_event_storm_does_not_freeze_the_canvas(page):
     """5000 progress events in a burst: handlers stay cheap and redraws are batched per animation frame."""
     result = page.evaluate("""(async () => {

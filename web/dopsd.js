@@ -25,6 +25,7 @@ const jobs = new Map();
 const JOB_PROPERTY = "dopsd_job_id";
 const stats = { progress: 0, state: 0, preview: 0, fetches: 0, renders: 0, chartDraws: 0 };
 let lastRefreshError = null;
+const toasted = new Map(); // job_id -> how many of its warnings were shown as toasts
 
 function emptyStatus(jobId, nodeId) {
   return {
@@ -134,9 +135,11 @@ function onState(status) {
   stats.state++;
   const previous = jobs.get(status.job_id);
   const before = previous?.state;
-  const warned = previous?.warnings?.length ?? 0;
+  // each warning toasts once: a count per job that a stale GET answer (fewer warnings) cannot take back
+  const warned = toasted.get(status.job_id) ?? previous?.warnings?.length ?? 0;
   const job = putStatus(status);
   for (const warning of (job.warnings || []).slice(warned)) notify("warn", "D-OPSD training", warning);
+  toasted.set(job.job_id, Math.max(warned, (job.warnings || []).length));
   if (job.state !== before) {
     if (job.state === "error") notify("error", "D-OPSD training failed", job.error || "unknown error");
     else if (job.state === "finished") notify("success", "D-OPSD training finished", job.lora_path || `job ${job.job_id}`);
