@@ -96,8 +96,8 @@ class Job:
             job_id=self.job_id, node_id=self.node_id, prompt_id=self.prompt_id, method=self.cfg.method,
             state=self.state, step=self.step, total_steps=self.cfg.steps, loss=self.loss,
             its_per_sec=self.its_per_sec, eta_s=self.eta_s, losses=list(losses), error=self.error,
-            warnings=list(self.warnings), checkpoints=list(self.checkpoints), lora_path=self.lora_path, previews=self.previews,
-            recipe=events.RecipeInfo(**self.recipe_info))
+            warnings=list(self.warnings), checkpoints=list(self.checkpoints), lora_path=self.lora_path,
+            previews=self.previews, recipe=events.RecipeInfo(**self.recipe_info))
 
     def _set_state(self, state: str, error: Optional[str] = None):
         self.state = state

@@ -137,8 +137,10 @@ def test_resume_with_other_retention_warns_the_user_with_the_fix(server):
     any other changed setting) but is no exact continuation, and the job's status says so and how to fix it."""
     with_retention, _ = train(server, steps=2, retention_ratio=0.5)
     without, _ = train(server, steps=2)
-    fix = "connect the same D-OPSD Retention Prompts (prompts, pairs, trigger, variations, seed) with retention_ratio 0.5"
-    saved = "the checkpoint was trained with retention ratio 0.5 and 5 retention prompts ('a photo of a dog', 'a red car'"
+    fix = ("connect the same D-OPSD Retention Prompts (prompts, pairs, trigger, variations, seed) with "
+           "retention_ratio 0.5")
+    saved = ("the checkpoint was trained with retention ratio 0.5 and 5 retention prompts ('a photo of a dog', "
+             "'a red car'")
 
     def warnings(**kw):
         _, st = train(server, steps=3, **kw)
