@@ -4,7 +4,7 @@
     .venv/bin/python scripts/toyworld_build.py            # build into the cache (skips if present)
     .venv/bin/python scripts/toyworld_build.py --force    # rebuild
     .venv/bin/python scripts/toyworld_build.py --ship     # also write the fp16 copy to toyworld/weights/
-Takes about 10 minutes on 2 CPU cores. Cache: $DOPSD_TOYWORLD_CACHE or ~/.cache/comfyui-dopsd/toyworld.
+Takes about N minutes on 2 CPU cores. Cache: $DOPSD_TOYWORLD_CACHE or ~/.cache/comfyui-dopsd/toyworld.
 """
 import argparse
 import os
@@ -21,20 +21,35 @@ from toyworld import weights  # noqa: E402
 
 
 def ship(b: tb.Build):
-    """fp16 copy of what the experiment needs (encoder, student, evaluator) + meta, under toyworld/weights/."""
+    """fp16 copy of what the experiment and the gap test need (encoder, 4-step student, multi-step teacher, evaluator)
+    + meta, under toyworld/weights/ (the reflow student stays in the cache)."""
     dst = os.path.join(weights.SHIPPED_DIR, b.meta["key"])
     os.makedirs(dst, exist_ok=True)
     weights.save_module(b.student.encoder, os.path.join(dst, "encoder.safetensors"), half=True)
     weights.save_module(b.student.dit, os.path.join(dst, "dit_student.safetensors"), half=True)
+    weights.save_module(b.teacher.dit, os.path.join(dst, "dit_teacher.safetensors"), half=True)
     weights.save_module(b.evaluator, os.path.join(dst, "evaluator.safetensors"), half=True)
-    weights.write_meta(dst, {**b.meta, "shipped": "fp16; the multi-step teacher is not shipped"})
+    weights.write_meta(dst, {**b.meta, "shipped": "fp16; the reflow student is only in the build cache"})
     size = sum(os.path.getsize(os.path.join(dst, f)) for f in os.listdir(dst))
     print(f"[build] shipped copy in {dst} ({size / 1e6:.2f} MB)")
 
 
+def gap_picture(b: tb.Build, path: str, n: int = 12):
+    """Rows: real renders of n ordinary prompts; the multi-step teacher at 4 and at 32 Euler steps; the 4-step
+    student (same noise per column)."""
+    from toyworld.measure import original_prompts
+    from toyworld.render import save_grid
+    p = original_prompts(b.world, b.evaluator, n, seed=100)
+    rows = [p.real[:n]] + [m.sample(p.captions, p.noise, tb.student_sigmas(k))
+                           for m, k in ((b.teacher, 4), (b.teacher, 32), (b.student, 4))]
+    save_grid(torch.cat(rows), path, nrow=n, scale=3)
+    print(f"[build] {path}: real | teacher 4 steps | teacher 32 steps | student 4 steps; prompts {p.captions}")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--force", action="store_true", help="rebuild even if the cache holds this build")
+    ap.add_argument("--force", action="store_true", help="redo the distillation and measurements even if the cache "
+                    "holds this build (the pre-training stage is reused from its own cache)")
     ap.add_argument("--ship", action="store_true", help="write the fp16 copy to toyworld/weights/")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -50,8 +65,12 @@ def main():
         b = tb.load_dir(cached)
         print(f"[build] found {cached}")
     print(f"[build] total {time.time() - t:.0f} s")
+    if "measurements" in b.meta:
+        print(tb.gap_table(b.meta["measurements"]))
     if args.ship:
         ship(b)
+        gap_picture(tb.load_dir(os.path.join(weights.SHIPPED_DIR, b.meta["key"])),
+                    os.path.join(os.path.dirname(weights.SHIPPED_DIR), "..", "docs", "toyworld", "gap.png"))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
 """Toy world: model shapes and calling conventions (fast; random weights)."""
+import dataclasses
 import os
 import sys
 
@@ -8,6 +9,7 @@ sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dopsd_core import flow, schedules  # noqa: E402
 from dopsd_core.lora import LoRANetwork  # noqa: E402
+from toyworld import distill  # noqa: E402
 from toyworld.concepts import make_world  # noqa: E402
 from toyworld.dit import DiTConfig, ToyDiT  # noqa: E402
 from toyworld.encoder import EncoderConfig, Tokenizer, ToyVLM  # noqa: E402
@@ -97,3 +99,36 @@ def test_frechet_distance_basics():
     assert near < 0.2 < far
     ev = Evaluator(7, 10, 6)
     assert ev.embed(torch.zeros(2, 3, 32, 32)).shape == (2, 64)
+
+
+def test_dmd_backward_simulation_reaches_the_samplers_states():
+    """DMD2's backward simulation must hand each row the state the student's own 4-step sampler visits."""
+    _, tok, enc, dit = _model()
+    ids = tok(["a red solid square"] * 4)
+    ctx, mask = enc(ids), enc.context_mask(ids)
+    z = torch.randn(4, 3, 32, 32)
+    sched = schedules.simple_sigmas(4, shift=3.0)
+    visited = {}
+    with torch.no_grad():
+        from dopsd_core import sampler
+        sampler.sample_euler(lambda x, s: dit(x, s, ctx, mask), z, sched,
+                             callback=lambda i, x, v: visited.__setitem__(i, x.clone()))
+    k = torch.tensor([0, 1, 2, 3])
+    got = distill._backward_simulation(dit, z, ctx, mask, sched, k)
+    for row in range(4):
+        assert torch.allclose(got[row], visited[int(k[row])][row], atol=1e-5), row
+
+
+def test_dmd_distillation_trains_student_and_fake_score_only():
+    w, tok, enc, dit = _model()
+    teacher = ToyModel(tok, enc, dit).eval()
+    cfg = distill.DistillConfig(pairs=8, teacher_steps=2, steps=2, batch=4)
+    couplings = distill.make_couplings(w, teacher, cfg, log=None)
+    before = {k: v.clone() for k, v in dit.state_dict().items()}
+    student, losses = distill.distill(teacher, couplings, cfg, log=None)
+    assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
+    assert all(torch.equal(before[k], v) for k, v in dit.state_dict().items())   # the real score stays frozen
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+    # the build distils the reflow student for comparison from the same (now frozen) teacher afterwards
+    reflow, losses = distill.distill(teacher, couplings, dataclasses.replace(cfg, method="reflow"), log=None)
+    assert len(losses) == 2 and any(not torch.equal(before[k], v) for k, v in reflow.state_dict().items())

@@ -18,20 +18,20 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 
 from dopsd_core import schedules
 
 from . import weights
-from .concepts import World, make_world
-from .dataset import concept_set
+from .concepts import Variety, World, make_world
+from .dataset import concept_set, labels, render_triples, sample_triples
 from .distill import DistillConfig, distill, make_couplings
 from .dit import DiTConfig, ToyDiT
 from .encoder import EncoderConfig, Tokenizer, ToyVLM
 from .evaluator import Evaluator, EvaluatorConfig, train_evaluator
-from .measure import original_prompts, read_samples, trigger_prompts
+from .measure import fd_floor, noise_for, original_prompts, read_samples, trigger_prompts
 from .model import ToyModel
 from .pretrain import PretrainConfig, pretrain
 
@@ -50,6 +50,7 @@ class BuildConfig:
     n_shapes: int = 7
     n_colours: int = 10
     n_styles: int = 6
+    variety: Variety = field(default_factory=Variety)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     dit: DiTConfig = field(default_factory=DiTConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
@@ -57,7 +58,7 @@ class BuildConfig:
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
 
     def world(self) -> World:
-        return make_world(self.world_seed, self.n_shapes, self.n_colours, self.n_styles)
+        return make_world(self.world_seed, self.n_shapes, self.n_colours, self.n_styles, variety=self.variety)
 
     def to_dict(self) -> Dict:
         return dataclasses.asdict(self)
@@ -72,10 +73,11 @@ class Build:
     world: World
     tokenizer: Tokenizer
     student: ToyModel                  # the 4-step model every experiment fine-tunes
-    teacher: Optional[ToyModel]        # the multi-step pre-trained model (not in the shipped copy)
+    teacher: Optional[ToyModel]        # the multi-step pre-trained model
     evaluator: Evaluator
     meta: Dict
     directory: str
+    reflow: Optional[ToyModel] = None  # the reflow-distilled student, for comparison (cache only)
 
 
 def _modules(cfg: BuildConfig, world: World):
@@ -88,26 +90,50 @@ def _modules(cfg: BuildConfig, world: World):
 
 def _evaluator_worker(cfg_dict, eval_dict, path):
     torch.set_num_threads(1)
-    cfg = BuildConfig(**{**cfg_dict, "encoder": EncoderConfig(**cfg_dict["encoder"]),
-                         "dit": DiTConfig(**cfg_dict["dit"]), "pretrain": PretrainConfig(**cfg_dict["pretrain"]),
-                         "distill": DistillConfig(**cfg_dict["distill"]), "evaluator": EvaluatorConfig(**eval_dict)})
+    cfg = config_from_dict({**cfg_dict, "evaluator": eval_dict})
     net = train_evaluator(cfg.world(), cfg.evaluator, log=None)
     weights.save_module(net, path)
 
 
-def base_measurements(b: "Build", n_orig: int = 512, n_trig: int = 256, log=print) -> Dict:
-    """FD / attribute accuracy of teacher and student, and the in-context check on each held-out axis."""
+GAP_STEPS = (1, 2, 4, 8, 16, 32)   # Euler step counts of the distillation-gap table
+
+
+def step_curve(b: "Build", model: ToyModel, prompts, steps: Sequence[int], noise_seeds: Sequence[int] = (0, 1, 2)):
+    """FD and denoised sharpness of `model`'s samples of `prompts` at each Euler step count (shift 3), each the
+    mean over `noise_seeds` (with the sd over them): the few-step quality of a model."""
     out = {}
+    for k in steps:
+        fds, sharp, acc = [], [], []
+        for ns in noise_seeds:
+            x = model.sample(prompts.captions, noise_for(prompts, ns), student_sigmas(k))
+            r = read_samples(b.world, b.evaluator, x, prompts)
+            fds.append(r["fd"])
+            sharp.append(r["denoised_sharpness"])
+            acc.append(r["acc_all"])
+        mean = lambda v: sum(v) / len(v)  # noqa: E731
+        sd = lambda v: (sum((x - mean(v)) ** 2 for x in v) / max(1, len(v) - 1)) ** 0.5  # noqa: E731
+        out[str(k)] = {"fd": mean(fds), "fd_sd": sd(fds), "dsharp": mean(sharp), "dsharp_sd": sd(sharp),
+                       "acc_all": mean(acc)}
+    return out
+
+
+def base_measurements(b: "Build", n_orig: int = 256, n_trig: int = 256, log=print) -> Dict:
+    """The distillation gap (FD and denoised sharpness of the multi-step teacher, the 4-step student and, when
+    built, the reflow student at 1-32 Euler steps, over 3 sampling noises, with the FD noise floor) and the
+    in-context check on each held-out axis."""
+    out = {}
+    g = torch.Generator().manual_seed(77)
+    every = sample_triples(b.world, 1024, g, seen_only=False)
+    pred, truth = b.evaluator.predict(render_triples(b.world, every, g)), labels(b.world, every)
+    out["evaluator_on_real"] = {a: float((pred[:, i] == truth[:, i]).float().mean()) for i, a in enumerate(World.AXES)}
     orig = original_prompts(b.world, b.evaluator, n_orig)
-    runs = [("student_4", b.student, STUDENT_STEPS, 1.0)]
-    if b.teacher is not None:
-        runs = [("teacher_4", b.teacher, STUDENT_STEPS, 1.0), ("teacher_16_cfg", b.teacher, 16,
-                                                               b.config.distill.teacher_cfg)] + runs
-    for name, model, steps, cfg in runs:
-        x = model.sample(orig.captions, orig.noise, student_sigmas(steps), cfg=cfg)
-        out[name] = read_samples(b.world, b.evaluator, x, orig)
+    out["fd_floor"] = fd_floor(b.world, b.evaluator, orig)
+    models = [("student", b.student)] + [(n, m) for n, m in (("teacher", b.teacher), ("reflow", b.reflow)) if m is not None]
+    for name, model in models:
+        out[f"gap_{name}"] = step_curve(b, model, orig, GAP_STEPS if name == "teacher" else GAP_STEPS[:-1])
         if log:
-            log(f"[measure] {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in out[name].items()))
+            log(f"[measure] {name}: " + "; ".join(f"{k} steps FD {v['fd']:.0f} sharpness {v['dsharp']:.3f}"
+                                                  for k, v in out[f"gap_{name}"].items()))
     for axis in World.AXES:
         cs = concept_set(b.world, axis, n=8, seed=3)
         trig = trigger_prompts(b.world, b.evaluator, axis, "sks", n=n_trig, triples=cs.triples)
@@ -124,12 +150,45 @@ def base_measurements(b: "Build", n_orig: int = 512, n_trig: int = 256, log=prin
     return out
 
 
-def build(cfg: BuildConfig = BuildConfig(), directory: Optional[str] = None,
-          log: Optional[Callable[[str], None]] = print, measure: bool = True) -> Build:
-    world = cfg.world()
-    directory = directory or os.path.join(weights.cache_root(), cfg.key())
-    t_start = time.time()
-    timings = {}
+def gap_table(measurements: Dict) -> str:
+    """Markdown: FD (with its noise floor) and denoised sharpness of the multi-step teacher, the DMD student and the
+    reflow student at each Euler step count, from `base_measurements` (mean ± sd over the sampling noises)."""
+    floor = sum(measurements["fd_floor"]) / len(measurements["fd_floor"])
+    names = {"teacher": "multi-step teacher (pre-trained)", "student": "4-step student (DMD, shipped)",
+             "reflow": "reflow student (version 1's method)"}
+    rows = [(names[k[4:]], v) for k, v in measurements.items() if k.startswith("gap_")]
+    rows.sort(key=lambda r: list(names.values()).index(r[0]))
+    head = (f"FD of ordinary-prompt samples (noise floor {floor:.0f}) / denoised sharpness (real = 1), Euler at "
+            "shift 3, mean ± sd over 3 sampling noises.\n\n| model | " + " | ".join(f"{k} steps" for k in GAP_STEPS)
+            + " |\n|" + " --- |" * (1 + len(GAP_STEPS)) + "\n")
+    body = []
+    for name, curve in rows:
+        cells = [f"{curve[str(k)]['fd']:.0f} ± {curve[str(k)]['fd_sd']:.0f} / {curve[str(k)]['dsharp']:.2f}"
+                 if str(k) in curve else "-" for k in GAP_STEPS]
+        body.append(f"| {name} | " + " | ".join(cells) + " |")
+    return head + "\n".join(body) + "\n"
+
+
+def _stage_dir(cfg: BuildConfig) -> str:
+    """Cache folder of the pre-training stage: everything but the distillation decides it."""
+    d = cfg.to_dict()
+    d.pop("distill")
+    return os.path.join(weights.cache_root(), "pretrained", weights.config_hash(d))
+
+
+def pretrained_stage(cfg: BuildConfig, world: World, log=print):
+    """The pre-trained multi-step model (EMA encoder + DiT) and the evaluator, from the stage cache or trained now
+    (the evaluator in a second process, one thread, while the models pre-train). Caching this stage lets a new
+    distillation config reuse the longest part of the build."""
+    directory = _stage_dir(cfg)
+    tok, enc, dit, _, _ = _modules(cfg, world)
+    if os.path.exists(os.path.join(directory, "meta.json")):
+        weights.load_module(enc, os.path.join(directory, "encoder.safetensors"))
+        weights.load_module(dit, os.path.join(directory, "dit_teacher.safetensors"))
+        if log:
+            log(f"[build] pre-trained stage from {directory}")
+        return tok, enc.eval(), dit.eval(), weights.read_meta(directory)["timings"]
+    t_start, timings = time.time(), {}
     torch.manual_seed(cfg.pretrain.seed)
     tok, enc, dit, _, _ = _modules(cfg, world)
     tmp = tempfile.mkdtemp(prefix="toyworld_build_")
@@ -151,6 +210,23 @@ def build(cfg: BuildConfig = BuildConfig(), directory: Optional[str] = None,
     if proc.exitcode != 0:
         raise RuntimeError(f"evaluator training failed (exit code {proc.exitcode})")
     timings["pretrain_and_evaluator_s"] = time.time() - t_start
+    os.makedirs(directory, exist_ok=True)
+    weights.save_module(enc_ema, os.path.join(directory, "encoder.safetensors"))
+    weights.save_module(dit_ema, os.path.join(directory, "dit_teacher.safetensors"))
+    shutil.copy(eval_path, os.path.join(directory, "evaluator.safetensors"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    weights.write_meta(directory, {"config": cfg.to_dict(), "timings": timings})
+    return tok, enc_ema.eval(), dit_ema.eval(), timings
+
+
+def build(cfg: BuildConfig = BuildConfig(), directory: Optional[str] = None,
+          log: Optional[Callable[[str], None]] = print, measure: bool = True) -> Build:
+    world = cfg.world()
+    directory = directory or os.path.join(weights.cache_root(), cfg.key())
+    t_start = time.time()
+    timings = {}
+    tok, enc_ema, dit_ema, stage_timings = pretrained_stage(cfg, world, log)
+    timings.update(stage_timings)
     teacher = ToyModel(tok, enc_ema, dit_ema).eval()
     t = time.time()
     couplings = make_couplings(world, teacher, cfg.distill, log=log)
@@ -158,16 +234,22 @@ def build(cfg: BuildConfig = BuildConfig(), directory: Optional[str] = None,
     t = time.time()
     student_dit, _ = distill(teacher, couplings, cfg.distill, log=log)
     timings["distill_s"] = time.time() - t
+    reflow_dit = None
+    if cfg.distill.method != "reflow":   # the simpler method on the same couplings, for the record
+        t = time.time()
+        reflow_dit, _ = distill(teacher, couplings, dataclasses.replace(cfg.distill, method="reflow"), log=log)
+        timings["distill_reflow_s"] = time.time() - t
     timings["build_s"] = time.time() - t_start
 
     os.makedirs(directory, exist_ok=True)
     weights.save_module(enc_ema, os.path.join(directory, "encoder.safetensors"))
     weights.save_module(dit_ema, os.path.join(directory, "dit_teacher.safetensors"))
     weights.save_module(student_dit, os.path.join(directory, "dit_student.safetensors"))
-    shutil.copy(eval_path, os.path.join(directory, "evaluator.safetensors"))
-    shutil.rmtree(tmp, ignore_errors=True)
+    if reflow_dit is not None:
+        weights.save_module(reflow_dit, os.path.join(directory, "dit_reflow.safetensors"))
+    shutil.copy(os.path.join(_stage_dir(cfg), "evaluator.safetensors"), os.path.join(directory, "evaluator.safetensors"))
     meta = {"config": cfg.to_dict(), "key": cfg.key(), "world": world.to_dict(), "timings": timings,
-            "torch": torch.__version__, "threads": threads}
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
     weights.write_meta(directory, meta)
     b = load_dir(directory)
     if measure:
@@ -183,26 +265,28 @@ def build(cfg: BuildConfig = BuildConfig(), directory: Optional[str] = None,
 def config_from_dict(d: Dict) -> BuildConfig:
     return BuildConfig(**{**d, "encoder": EncoderConfig(**d["encoder"]), "dit": DiTConfig(**d["dit"]),
                           "pretrain": PretrainConfig(**d["pretrain"]), "distill": DistillConfig(**d["distill"]),
-                          "evaluator": EvaluatorConfig(**d["evaluator"])})
+                          "evaluator": EvaluatorConfig(**d["evaluator"]),
+                          "variety": Variety(**{**d["variety"], "radius": tuple(d["variety"]["radius"])})})
 
 
 def load_dir(directory: str) -> Build:
     meta = weights.read_meta(directory)
     cfg = config_from_dict(meta["config"])
     world = cfg.world()
-    tok, enc, dit_s, dit_t, ev = _modules(cfg, world)
+    tok, enc, dit_s, _, ev = _modules(cfg, world)
     weights.load_module(enc, os.path.join(directory, "encoder.safetensors"))
     weights.load_module(dit_s, os.path.join(directory, "dit_student.safetensors"))
     weights.load_module(ev, os.path.join(directory, "evaluator.safetensors"))
-    teacher = None
-    if os.path.exists(os.path.join(directory, "dit_teacher.safetensors")):
-        weights.load_module(dit_t, os.path.join(directory, "dit_teacher.safetensors"))
-        teacher = ToyModel(tok, enc, dit_t).eval()
     for m in (enc, dit_s, ev):
         m.eval().requires_grad_(False)
-    if teacher is not None:
-        dit_t.requires_grad_(False)
-    return Build(cfg, world, tok, ToyModel(tok, enc, dit_s).eval(), teacher, ev.eval(), meta, directory)
+    optional = {}
+    for name in ("teacher", "reflow"):   # other DiTs on the same encoder, when the folder holds them
+        path = os.path.join(directory, f"dit_{name}.safetensors")
+        if os.path.exists(path):
+            dit = weights.load_module(_modules(cfg, world)[2], path).eval().requires_grad_(False)
+            optional[name] = ToyModel(tok, enc, dit).eval()
+    return Build(cfg, world, tok, ToyModel(tok, enc, dit_s).eval(), optional.get("teacher"), ev.eval(), meta,
+                 directory, optional.get("reflow"))
 
 
 def load(cfg: BuildConfig = BuildConfig(), build_if_missing: bool = True, log=print) -> Build:

@@ -86,6 +86,24 @@ def style_family() -> List[Style]:
 TRIGGER_WORDS = ("sks", "zqv", "bnx", "tlw")  # reserved tokens; never in a pre-training caption
 
 
+@dataclass(frozen=True)
+class Variety:
+    """How much the images of one caption differ (pose and scene); the renderer draws within these ranges.
+
+    The wider the variety, the further the mean of a caption's images is from any one of them, so a sampler that
+    averages (a multi-step model run with few steps, or SFT's regression) visibly blurs. Version 1 of the world
+    (issue 6) used jitter 1, radius 0.30-0.36, angle 0.2 and no scene, where that mean stayed nearly sharp.
+    """
+    centres: Tuple[Tuple[float, float], ...] = ((-5.0, -5.0), (5.0, -5.0), (-5.0, 5.0), (5.0, 5.0))  # places, px
+    jitter: float = 1.0                # centre offset range around the drawn place, +- pixels
+    radius: Tuple[float, float] = (0.24, 0.30)   # circumradius range, fraction of the image size
+    angle: float = 0.2                 # rotation range, +- radians
+    scene: float = 1.0                 # background: 0 flat dark grey; 1 a dark tint of random hue with a gradient
+
+
+VARIETY_V1 = Variety(centres=((0.0, 0.0),), jitter=1.0, radius=(0.30, 0.36), angle=0.2, scene=0.0)  # issue 6's world
+
+
 @dataclass
 class World:
     """The members of each axis this world uses, and the held-out member of each axis."""
@@ -94,6 +112,7 @@ class World:
     colours: List[Colour]
     styles: List[Style]
     held_out: Dict[str, str] = field(default_factory=dict)  # axis -> held-out member name
+    variety: Variety = field(default_factory=Variety)
 
     AXES = ("shape", "colour", "style")
 
@@ -124,14 +143,14 @@ class World:
     def to_dict(self) -> dict:
         return {"seed": self.seed, "shapes": [asdict(s) for s in self.shapes],
                 "colours": [asdict(c) for c in self.colours], "styles": [asdict(s) for s in self.styles],
-                "held_out": dict(self.held_out)}
+                "held_out": dict(self.held_out), "variety": asdict(self.variety)}
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def make_world(seed: int = 0, n_shapes: int = 7, n_colours: int = 10, n_styles: int = 6,
-               held_out: Optional[Dict[str, str]] = None) -> World:
+               held_out: Optional[Dict[str, str]] = None, variety: Optional[Variety] = None) -> World:
     """Draw a world from the concept family with a seeded generator.
 
     n_* members per axis are drawn (the circle and the square are always in, so every world has the two
@@ -152,7 +171,7 @@ def make_world(seed: int = 0, n_shapes: int = 7, n_colours: int = 10, n_styles: 
     ho.setdefault("shape", rng.choice([s.name for s in shapes if s.name not in ("circle", "square")]))
     ho.setdefault("colour", rng.choice([c.name for c in colours]))
     ho.setdefault("style", rng.choice([s.name for s in styles if s.name != "solid"]))
-    world = World(seed, shapes, colours, styles, ho)
+    world = World(seed, shapes, colours, styles, ho, variety or Variety())
     for axis in World.AXES:
         if ho[axis] not in world.names(axis):
             raise ValueError(f"held-out {axis} {ho[axis]!r} is not a member of this world: {world.names(axis)}")

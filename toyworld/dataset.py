@@ -28,7 +28,7 @@ def sample_triples(world: World, n: int, generator: torch.Generator, seen_only: 
 
 
 def render_triples(world: World, triples: Sequence[Triple], generator: torch.Generator) -> torch.Tensor:
-    pose = sample_pose(len(triples), generator)
+    pose = sample_pose(len(triples), generator, world.variety)
     return render([world.lookup("shape", t[0]) for t in triples],
                   [world.lookup("colour", t[1]) for t in triples],
                   [world.lookup("style", t[2]) for t in triples], pose)

@@ -22,7 +22,7 @@ FEATURE_DIM = 64
 
 @dataclass
 class EvaluatorConfig:
-    steps: int = 1500
+    steps: int = 2500
     batch: int = 128
     lr: float = 2e-3
     seed: int = 1234

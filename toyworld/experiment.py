@@ -270,7 +270,7 @@ def run_method(b: Build, method: str, cfg: ExperimentConfig, images: torch.Tenso
         task = concept
         if method == "dopsd_retention":
             task = core_retention.RetentionMix(concept, len(ret_caps), cfg.retention_ratio, cfg.seed,
-                                               concept.run_retention, per_step=rows)
+                                               concept.run_retention, per_step=rows, prompts=ret_caps)
         trainer = Trainer(net, task, train_config(method, cfg))
         curves, train_s = [], 0.0
         for step in range(cfg.steps + 1):

@@ -21,7 +21,7 @@ from .encoder import ToyVLM, Tokenizer
 
 @dataclass
 class PretrainConfig:
-    steps: int = 2000
+    steps: int = 5000
     batch: int = 64
     lr: float = 1e-3
     warmup: int = 100

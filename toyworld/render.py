@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from .concepts import Colour, Shape, Style
+from .concepts import Colour, Shape, Style, Variety
 
 IMAGE_SIZE = 32
 BACKGROUND = (0.08, 0.08, 0.10)
@@ -18,7 +18,7 @@ BACKGROUND = (0.08, 0.08, 0.10)
 
 @dataclass
 class Pose:
-    """Per-image nuisance parameters, each a tensor [B]."""
+    """Per-image nuisance parameters, each a tensor [B] (background [B, 3])."""
     cx: torch.Tensor       # centre, pixels from the image centre
     cy: torch.Tensor
     radius: torch.Tensor   # circumradius, pixels
@@ -27,23 +27,36 @@ class Pose:
     hue_jitter: torch.Tensor
     sat: torch.Tensor
     val: torch.Tensor
+    background: torch.Tensor   # [B, 3] RGB in [0, 1] at the image centre
+    slope: torch.Tensor        # background gradient across the image, RGB units
+    slope_angle: torch.Tensor  # its direction, radians
 
 
-JITTER = 1.0  # centre offset range, pixels
+def sample_pose(n: int, generator: torch.Generator, variety: Variety = Variety(), size: int = IMAGE_SIZE) -> Pose:
+    """Centre, size and angle within `variety`'s ranges, texture phase uniform, small hue/saturation jitter; with
+    `variety.scene`, a dark background of random hue, saturation and brightness with a linear gradient.
 
-
-def sample_pose(n: int, generator: torch.Generator, size: int = IMAGE_SIZE) -> Pose:
-    """Size 0.30-0.36 of the image, centre within +-1 px, angle +-0.2 rad, texture phase uniform.
-
-    The variation is kept modest on purpose (a tiny model must learn the world in minutes on a CPU), but the
-    texture phase is free: the mean of a striped shape over phases is a flat shape, so a prompt's
-    distribution is multi-modal and a regression to its mean (a blurry few-step sample) is visible.
+    The texture phase is always free: the mean of a striped shape over phases is a flat shape. The wider ranges
+    of world version 2 make the mean of a caption's images a faint blur (see concepts.Variety).
     """
     u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, generator=generator)  # noqa: E731
-    radius = u(0.30, 0.36) * size
-    return Pose(cx=u(-JITTER, JITTER), cy=u(-JITTER, JITTER),
-                radius=radius, angle=u(-0.2, 0.2), phase=torch.rand(n, generator=generator),
-                hue_jitter=u(-0.015, 0.015), sat=u(0.75, 1.0), val=u(0.8, 1.0))
+    radius = u(*variety.radius) * size
+    pose = Pose(cx=u(-variety.jitter, variety.jitter), cy=u(-variety.jitter, variety.jitter),
+                radius=radius, angle=u(-variety.angle, variety.angle), phase=torch.rand(n, generator=generator),
+                hue_jitter=u(-0.015, 0.015), sat=u(0.75, 1.0), val=u(0.8, 1.0),
+                background=torch.tensor(BACKGROUND).expand(n, 3).clone(), slope=torch.zeros(n),
+                slope_angle=torch.zeros(n))
+    if len(variety.centres) > 1:   # a discrete choice of place: the modes a few big sampler steps average over
+        which = torch.randint(len(variety.centres), (n,), generator=generator)
+        offsets = torch.tensor(variety.centres, dtype=torch.float32)[which]
+        pose.cx, pose.cy = pose.cx + offsets[:, 0], pose.cy + offsets[:, 1]
+    if variety.scene:
+        k = variety.scene   # draws happen only with a scene, so version 1 renders stay bit-identical
+        tint = _hsv_to_rgb(torch.rand(n, generator=generator), u(0.0, 0.6), u(0.06, 0.26))
+        pose.background = (1 - k) * pose.background + k * tint
+        pose.slope = k * u(0.0, 0.2)
+        pose.slope_angle = u(-math.pi, math.pi)
+    return pose
 
 
 def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -124,7 +137,6 @@ def render(shapes: Sequence[Shape], colours: Sequence[Colour], styles: Sequence[
     hue = torch.tensor([c.hue for c in colours]) + pose.hue_jitter
     main = _hsv_to_rgb(hue, pose.sat, pose.val)                      # [B, 3]
     pale = 0.35 * main + 0.65 * torch.ones_like(main)                 # pale tint of the same hue
-    bg = torch.tensor(BACKGROUND)
     # group by (shape, style) so each group is one vectorised call
     groups = {}
     for i, (sh, st) in enumerate(zip(shapes, styles)):
@@ -141,7 +153,10 @@ def render(shapes: Sequence[Shape], colours: Sequence[Colour], styles: Sequence[
         t, alpha = _style_pattern(st, px, py, edge, pose.phase[ii, None, None])
         fg = t[:, None] * main[ii, :, None, None] + (1 - t[:, None]) * pale[ii, :, None, None]
         a = (mask * alpha)[:, None]
-        img = a * fg + (1 - a) * bg[None, :, None, None]
+        ramp = (torch.cos(pose.slope_angle[ii])[:, None, None] * xs[None]
+                + torch.sin(pose.slope_angle[ii])[:, None, None] * ys[None]) / size   # -0.7..0.7 across
+        bg = (pose.background[ii, :, None, None] + (pose.slope[ii, None, None] * ramp)[:, None]).clamp(0, 1)
+        img = a * fg + (1 - a) * bg
         out[ii] = img
     return out * 2.0 - 1.0
 
