@@ -93,11 +93,11 @@ def edge_strength(images: torch.Tensor, threshold: float = EDGE_THRESHOLD) -> fl
     """Mean excess of the gradient magnitude over `threshold`, after two fixed 3x3 median filters.
 
     The median filters remove pixel noise before anything is measured, and the threshold ignores what noise they
-    let through, so pixel noise does not make an image look sharper. Measured on 256 real renders
-    (tests/test_toyworld_measure.py): another real set 1.007; gaussian noise of std 0.05 / 0.1 / 0.2 / 0.4 gives
-    0.93 / 0.87 / 0.77 / 0.77; a 3x3 box blur 0.43, and with noise 0.05 / 0.1 / 0.2 / 0.4 on top 0.41 / 0.40 /
-    0.39 / 0.52 (only very heavy noise lifts a blurred image a little, never near 1). The plain edge energy
-    (`sharpness`, mean |Laplacian|) rises with noise instead (1.76 / 2.57 / 4.30 / 7.96), which made speckled
+    let through, so pixel noise does not make an image look sharper. Measured on 256 real renders of world version 2
+    (tests/test_toyworld_measure.py): another real set 1.002; gaussian noise of std 0.05 / 0.1 / 0.2 / 0.4 gives
+    0.94 / 0.87 / 0.77 / 0.82; a 3x3 box blur 0.41, and with noise 0.05 / 0.1 / 0.2 / 0.4 on top 0.40 / 0.38 /
+    0.37 / 0.56 (only very heavy noise lifts a blurred image a little, never near 1). The plain edge energy
+    (`sharpness`, mean |Laplacian|) rises with noise instead (2.1 / 3.3 / 5.8 / 10.9), which made speckled
     samples look sharp.
     """
     x = median3(median3(images))
