@@ -70,6 +70,9 @@ class Job:
         self.done = threading.Event()
         self.test_hook = None  # tests: called with the job inside the model turn before every step
         self.recipe_info: dict = {}  # recipe_bridge.job_info: the recipe and what it set (status, LoRA metadata)
+        # the LoRA metadata's dopsd.retention: which on-policy retention the LoRA was trained with (None: none)
+        self.retention_info = None if retention is None else {"ratio": retention["ratio"],
+                                                              "prompts": list(retention["prompts"])}
         self.job_dir = os.path.join(folder_paths.get_output_directory(), "dopsd_jobs", self.job_id)  # training_state.pt
         self.training: Optional[Training] = Training(self, model, pairs, vae, Options(
             gradient_checkpointing=gradient_checkpointing, preview_every=preview_every, save_prefix=save_prefix,
@@ -132,8 +135,11 @@ class Job:
             return self.net.comfy_state_dict(which=which)
 
     def metadata(self) -> dict:
+        extra = dict(self.recipe_info)
+        if self.retention_info is not None:
+            extra["retention"] = self.retention_info
         return lora_io.lora_metadata(self.cfg.method, self.base_model_name, self.net.loras[0].rank,
-                                     self.net.loras[0].alpha, self.step, self.cfg.to_dict(), **self.recipe_info)
+                                     self.net.loras[0].alpha, self.step, self.cfg.to_dict(), **extra)
 
     def save_lora(self, path: str, overwrite: bool = False) -> str:
         with self._snapshot_lock():

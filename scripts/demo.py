@@ -2,7 +2,7 @@
 """The README's demo: the shipped toy-world workflow, end to end, in a real headless ComfyUI on the CPU.
 
     bash scripts/demo.sh                 # sets up .venv first (scripts/setup_env.sh), then runs this
-    .venv/bin/python scripts/demo.py [--steps N] [--out DIR]
+    .venv/bin/python scripts/demo.py [--steps N] [--out DIR] [--retention]
 
 It starts ComfyUI (`main.py --cpu`) with this pack in a fresh base directory, converts
 `workflows/D-OPSD demo - toy world (CPU).json` to the API format exactly as the frontend queues it, posts it,
@@ -10,9 +10,12 @@ follows the background training job through the pack's /dopsd/jobs route, and wh
 into one output folder:
   teacher_preview.png   student | teacher | target at 4 steps, before training
   before.png, after.png the 4-step sampler on the trigger prompt without / with the learned LoRA (same noises)
+  ordinary_before.png, ordinary_after.png   the same for an ordinary prompt that names no colour (the bleed)
   loss.png, losses.json the job's loss curve
   <name>.safetensors    the saved LoRA (a standard ComfyUI LoRA)
   summary.json          what the toy world's evaluator reads in before/after (the concept's share of samples)
+With --retention it runs `workflows/D-OPSD demo - toy world with retention (CPU).json` instead (on-policy retention:
+ordinary prompts stay as the base model drew them; about twice the training time).
   comfyui/              the server's base directory, with its log
 """
 import argparse
@@ -28,6 +31,7 @@ sys.path.insert(0, str(REPO / "tests"))  # the server driver and workflow conver
 sys.path.insert(1, str(REPO))
 
 WORKFLOW = REPO / "workflows" / "D-OPSD demo - toy world (CPU).json"
+WORKFLOW_RETENTION = REPO / "workflows" / "D-OPSD demo - toy world with retention (CPU).json"
 
 
 def _set_input(prompt: dict, class_type: str, name: str, value):
@@ -78,15 +82,16 @@ def _grid(files, path, scale=4):
     return images
 
 
-def _evaluate(before, after):
-    """The toy world's evaluator on the samples: how many show the held-out colour, and the shape asked for."""
+def _evaluate(**samples):
+    """The toy world's evaluator on each named set of samples: how many show the held-out colour, and the shape
+    asked for (a circle, in both prompts of the demo)."""
     import torch
     from toyworld import build as tb
     b = tb.load(build_if_missing=False, log=None)
     colour = b.world.held_out["colour"]
     out = {"concept": f"held-out colour {colour!r}"}
     with torch.no_grad():
-        for name, images in (("before", before), ("after", after)):
+        for name, images in samples.items():
             pred = b.evaluator.predict(images)
             out[name] = {"concept_share": float((pred[:, 1] == b.world.index("colour", colour)).float().mean()),
                          "shape_circle_share": float((pred[:, 0] == b.world.index("shape", "circle")).float().mean())}
@@ -98,7 +103,9 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="output folder (default: out/demo/<date-time>)")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the workflow's)")
     ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument("--retention", action="store_true", help="run the demo workflow with on-policy retention")
     args = ap.parse_args(argv)
+    workflow = WORKFLOW_RETENTION if args.retention else WORKFLOW
 
     import comfy_env
     import comfy_server
@@ -114,10 +121,10 @@ def main(argv=None):
     server = comfy_server.ComfyServer(base, startup_timeout=180.0)
     try:
         info = server.get_json("/object_info")
-        prompt = workflow_api.to_api(json.loads(WORKFLOW.read_text(encoding="utf-8")), info)
+        prompt = workflow_api.to_api(json.loads(workflow.read_text(encoding="utf-8")), info)
         if args.steps:
             _set_input(prompt, "DOPSDTrainer", "steps", args.steps)
-        print(f"[demo] queueing {WORKFLOW.name}", flush=True)
+        print(f"[demo] queueing {workflow.name}", flush=True)
         report = _JobReporter(server)
         entry = server.wait_history(server.post_prompt(prompt), args.timeout, on_poll=report)
         report()  # the job's final status
@@ -133,6 +140,8 @@ def main(argv=None):
     _grid(teacher, out / "teacher_preview.png", scale=6)
     before = _grid(before_files, out / "before.png")
     after = _grid(after_files, out / "after.png")
+    ordinary_before = _grid(_saved_images(server, entry, prompt, "dopsd_demo/ordinary_base"), out / "ordinary_before.png")
+    ordinary_after = _grid(_saved_images(server, entry, prompt, "dopsd_demo/ordinary_lora"), out / "ordinary_after.png")
     losses = status["losses"]
     (out / "losses.json").write_text(json.dumps(losses))
     window = 20
@@ -144,12 +153,16 @@ def main(argv=None):
                     ["loss", f"mean of the last {window}"], width=700, height=380, legend_base=None)
     lora = Path(status["lora_path"])
     shutil.copy2(lora, out / lora.name)
-    summary = {"workflow": WORKFLOW.name, "steps": status["step"], "lora": lora.name,
-               "wall_s": round(time.time() - t0, 1), **_evaluate(before, after)}
+    summary = {"workflow": workflow.name, "steps": status["step"], "lora": lora.name,
+               "wall_s": round(time.time() - t0, 1),
+               **_evaluate(before=before, after=after, ordinary_before=ordinary_before, ordinary_after=ordinary_after)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"[demo] done in {summary['wall_s']:.0f} s. The evaluator reads the new colour in "
-          f"{summary['before']['concept_share']:.0%} of the samples before and {summary['after']['concept_share']:.0%} after.")
-    for name in ("teacher_preview.png", "before.png", "after.png", "loss.png", lora.name, "summary.json"):
+          f"{summary['before']['concept_share']:.0%} of the samples before and {summary['after']['concept_share']:.0%} after; "
+          f"in the ordinary prompt's samples {summary['ordinary_before']['concept_share']:.0%} before and "
+          f"{summary['ordinary_after']['concept_share']:.0%} after.")
+    for name in ("teacher_preview.png", "before.png", "after.png", "ordinary_before.png", "ordinary_after.png",
+                 "loss.png", lora.name, "summary.json"):
         print(f"[demo]   {out / name}")
     return out
 

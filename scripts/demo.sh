@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's demo command: bash scripts/demo.sh [--steps N] [--out DIR]
+# The README's demo command: bash scripts/demo.sh [--steps N] [--out DIR] [--retention]
 # Sets up (or reuses) .venv with ComfyUI (.venv-comfy033 with DOPSD_COMFY=0.33), then runs the toy-world
 # workflow end to end in a real headless ComfyUI on the CPU and writes the images, loss curve and LoRA to
 # out/demo/<date-time>/ (see scripts/demo.py).

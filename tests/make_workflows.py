@@ -380,7 +380,9 @@ word from training in the prompt.
 
 TOY_LORA = "dopsd/toyworld_demo"
 TOY_PROMPT = "a sks circle"
+TOY_ORDINARY = "a circle"   # names no colour: where the new colour bleeds in
 TOY_TRAIN = dict(steps=300, learning_rate=1e-3, rank=4, alpha=4.0, ema_decay=0.9999)
+TOY_RETENTION_PROMPTS = "a circle\na square\na red circle\na blue square\na striped circle\na dotted square"
 
 
 def wf_toyworld_demo():
@@ -395,9 +397,9 @@ step-distilled 32x32 pixel model, its tiny VLM encoder, an identity VAE; see `to
    turns towards the new colour (0.95 of its samples read as `rose` over many noises, see toyworld/README.md).
 3. **Train**: D-OPSD on the student's own 4-step trajectory ({TOY_TRAIN['steps']} steps, about a minute). *Wait For Job*
    holds the rest of the graph until it is done; the LoRA goes to `models/loras/{TOY_LORA}_stepNNNNN.safetensors`.
-4. **Preview**: the same 8 noises, 4 steps, `{TOY_PROMPT}`, with the LoRA and without it.
-   Try `a red circle` as well: the LoRA also tints ordinary prompts towards the new colour (measured in the
-   README's toy-world results).
+4. **Preview**: the same 8 noises, 4 steps, `{TOY_PROMPT}`, with the LoRA and without it; and the ordinary
+   prompt `{TOY_ORDINARY}`, which names no colour: the LoRA also tints it towards the new colour (the bleed, measured
+   in the README's toy-world results; *D-OPSD demo - toy world with retention* keeps it down).
 
 `scripts/demo.sh` runs this workflow headless and collects the images, the loss curve and the LoRA."""
     sampler = {"seed": 0, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
@@ -428,7 +430,16 @@ step-distilled 32x32 pixel model, its tiny VLM encoder, an identity VAE; see `to
                node("ks_base", "KSampler", [1180, 1610], sampler, control="fixed", title="KSampler (base model)"),
                node("dec_lora", "VAEDecode", [1540, 1250]), node("dec_base", "VAEDecode", [1540, 1610]),
                node("save_lora", "SaveImage", [1760, 1250], {"filename_prefix": "dopsd_demo/after_lora"}, size=[320, 300]),
-               node("save_base", "SaveImage", [1760, 1610], {"filename_prefix": "dopsd_demo/before_base"}, size=[320, 300])],
+               node("save_base", "SaveImage", [1760, 1610], {"filename_prefix": "dopsd_demo/before_base"}, size=[320, 300]),
+               node("ord", "CLIPTextEncode", [460, 1970], {"text": TOY_ORDINARY}, size=[300, 100],
+                    title="CLIPTextEncode (ordinary prompt)"),
+               node("ks_ord_lora", "KSampler", [1180, 1970], sampler, control="fixed", title="KSampler (ordinary, with LoRA)"),
+               node("ks_ord_base", "KSampler", [1180, 2330], sampler, control="fixed", title="KSampler (ordinary, base)"),
+               node("dec_ord_lora", "VAEDecode", [1540, 1970]), node("dec_ord_base", "VAEDecode", [1540, 2330]),
+               node("save_ord_lora", "SaveImage", [1760, 1970], {"filename_prefix": "dopsd_demo/ordinary_lora"},
+                    size=[320, 300]),
+               node("save_ord_base", "SaveImage", [1760, 2330], {"filename_prefix": "dopsd_demo/ordinary_base"},
+                    size=[320, 300])],
         links=[("concept", "images", "dataset", "images"), ("concept", "captions", "dataset", "captions"),
                ("dataset", 0, "teacher", "dataset"), ("loader", "clip", "teacher", "clip"),
                ("loader", "vae", "teacher", "vae"),
@@ -445,13 +456,53 @@ step-distilled 32x32 pixel model, its tiny VLM encoder, an identity VAE; see `to
                ("ks_lora", 0, "dec_lora", "samples"), ("loader", "vae", "dec_lora", "vae"),
                ("dec_lora", 0, "save_lora", "images"),
                ("ks_base", 0, "dec_base", "samples"), ("loader", "vae", "dec_base", "vae"),
-               ("dec_base", 0, "save_base", "images")],
+               ("dec_base", 0, "save_base", "images"),
+               ("loader", "clip", "ord", "clip"),
+               ("joblora", 0, "ks_ord_lora", "model"), ("ord", 0, "ks_ord_lora", "positive"),
+               ("ord", 0, "ks_ord_lora", "negative"), ("latent", 0, "ks_ord_lora", "latent_image"),
+               ("loader", "model", "ks_ord_base", "model"), ("ord", 0, "ks_ord_base", "positive"),
+               ("ord", 0, "ks_ord_base", "negative"), ("latent", 0, "ks_ord_base", "latent_image"),
+               ("ks_ord_lora", 0, "dec_ord_lora", "samples"), ("loader", "vae", "dec_ord_lora", "vae"),
+               ("dec_ord_lora", 0, "save_ord_lora", "images"),
+               ("ks_ord_base", 0, "dec_ord_base", "samples"), ("loader", "vae", "dec_ord_base", "vae"),
+               ("dec_ord_base", 0, "save_ord_base", "images")],
         groups=[("1. Toy world model and concept", ["loader", "concept"], "models"),
                 ("2. Dataset, teacher context, teacher preview", ["dataset", "teacher", "tpreview", "tsave"], "data"),
                 ("3. Train, then wait", ["trainer", "wait"], "train"),
                 ("4. 4-step sampling: LoRA vs base", ["joblora", "pos", "blank", "latent", "ks_lora", "ks_base",
-                                                      "dec_lora", "dec_base", "save_lora", "save_base"], "sample")],
+                                                      "dec_lora", "dec_base", "save_lora", "save_base", "ord",
+                                                      "ks_ord_lora", "ks_ord_base", "dec_ord_lora", "dec_ord_base",
+                                                      "save_ord_lora", "save_ord_base"], "sample")],
     )
+
+
+def wf_toyworld_retention():
+    """The toy demo with on-policy retention: a Retention Prompts node (ordinary toy prompts plus the class prompts of
+    the pairs) into the trainer, ratio 1, its own LoRA name."""
+    spec = wf_toyworld_demo()
+    readme = spec["nodes"][0]["values"]["text"]
+    spec["nodes"][0]["values"]["text"] = readme.replace(
+        "## D-OPSD demo: the toy world (CPU, minutes)", "## D-OPSD demo: the toy world with on-policy retention (CPU)"
+    ).replace(
+        "3. **Train**:", "3. **Retention**: *D-OPSD Retention Prompts* lists ordinary prompts (plus the class prompts "
+        "of the pairs: `a circle`, `a square`); with `retention_ratio` 1 every step after the first also rolls the "
+        "student out on one of them, with the LoRA-off base model as its teacher, so ordinary prompts stay as the "
+        "base model drew them (about twice the training time; README, \"Toy-world results\").\n4. **Train**:"
+    ).replace("4. **Preview**", "5. **Preview**").replace(TOY_LORA, TOY_LORA_RETENTION).replace("*D-OPSD demo - toy world with retention* keeps it down",
+                                                   "retention keeps it down")
+    for n in spec["nodes"]:
+        if n["key"] == "trainer":
+            n["values"].update(retention_ratio=1.0, save_prefix=TOY_LORA_RETENTION)
+    spec["nodes"].append(node("retention", "DOPSDRetentionPrompts", [2080, 260],
+                              {"prompts": TOY_RETENTION_PROMPTS, "trigger": "sks", "variations": 0, "seed": 0},
+                              control="fixed", size=[360, 300]))
+    spec["links"] += [("loader", "clip", "retention", "clip"), ("teacher", 0, "retention", "pairs"),
+                      ("retention", 0, "trainer", "retention")]
+    spec["groups"][2] = ("3. Retention prompts, train, then wait", ["retention", "trainer", "wait"], "train")
+    return spec
+
+
+TOY_LORA_RETENTION = "dopsd/toyworld_retention"
 
 
 WORKFLOWS_SPEC = {
@@ -462,6 +513,7 @@ WORKFLOWS_SPEC = {
     "D-OPSD LoRA preview - Z-Image-Turbo 8-step": wf_lora_preview_zimage,
     "D-OPSD LoRA preview - FLUX.2-klein 4-step": wf_lora_preview_klein,
     "D-OPSD demo - toy world (CPU)": wf_toyworld_demo,
+    "D-OPSD demo - toy world with retention (CPU)": wf_toyworld_retention,
 }
 
 # Runs in the page: builds one workflow from the spec with the frontend's node classes, returns the saved JSON.

@@ -8,12 +8,14 @@
   tells the user in its status's `warnings` (the card and a toast show them), naming the fix;
 - a CLIP of the wrong width is refused with an error that names the fix.
 """
+import json
 import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from conftest import TINY_QWEN3_FILE, TINY_ZIMAGE_FILE
@@ -90,6 +92,11 @@ def lora_file(server, prefix, step):
     return load_file(str(server.base_dir / "models" / "loras" / f"{prefix}_step{step:05d}.safetensors"))
 
 
+def lora_metadata(server, prefix, step):
+    with safe_open(str(server.base_dir / "models" / "loras" / f"{prefix}_step{step:05d}.safetensors"), "pt") as f:
+        return f.metadata()
+
+
 def same_tensors(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -105,6 +112,7 @@ def test_ratio_zero_trains_bit_for_bit_as_without_retention(server):
     _, wired = train(server, save_prefix="ret/ratio0", steps=3, retention_ratio=0.0)
     assert [l for _, l in plain["losses"]] == [l for _, l in wired["losses"]]
     assert same_tensors(lora_file(server, "ret/plain", 3), lora_file(server, "ret/ratio0", 3))
+    assert all("dopsd.retention" not in lora_metadata(server, p, 3) for p in ("ret/plain", "ret/ratio0"))
 
 
 def test_retention_steps_are_taught_by_the_base_model(server):
@@ -130,6 +138,9 @@ def test_resumed_job_draws_what_the_uninterrupted_job_drew(server):
     _, resumed = train(server, steps=6, retention_ratio=0.5, save_prefix="ret/resumed", resume_from=first)
     assert same_tensors(lora_file(server, "ret/full", 6), lora_file(server, "ret/resumed", 6))
     assert resumed["warnings"] == []
+    # the LoRA file says which retention it was trained with
+    recorded = json.loads(lora_metadata(server, "ret/full", 6)["dopsd.retention"])
+    assert recorded["ratio"] == 0.5 and len(recorded["prompts"]) == 5 and "a photo of a cat" in recorded["prompts"]
 
 
 def test_resume_with_other_retention_warns_the_user_with_the_fix(server):

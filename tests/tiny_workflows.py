@@ -34,7 +34,8 @@ TEACHER_PREVIEW = "D-OPSD teacher preview - Z-Image-Turbo"
 PREVIEW_ZIMAGE = "D-OPSD LoRA preview - Z-Image-Turbo 8-step"
 PREVIEW_KLEIN = "D-OPSD LoRA preview - FLUX.2-klein 4-step"
 TOY_DEMO = "D-OPSD demo - toy world (CPU)"
-ALL = [TRAIN_ZIMAGE, TRAIN_KLEIN, TRAIN_QWEN, TEACHER_PREVIEW, PREVIEW_ZIMAGE, PREVIEW_KLEIN, TOY_DEMO]
+TOY_RETENTION = "D-OPSD demo - toy world with retention (CPU)"   # executed by test_demo.py (scripts/demo.py)
+ALL = [TRAIN_ZIMAGE, TRAIN_KLEIN, TRAIN_QWEN, TEACHER_PREVIEW, PREVIEW_ZIMAGE, PREVIEW_KLEIN, TOY_DEMO, TOY_RETENTION]
 DATASET_FOLDER = "dopsd_dataset"
 VL_FOLDER_NAME = "Qwen3-VL-tiny"
 
