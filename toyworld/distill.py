@@ -108,6 +108,22 @@ def _reflow_loss(student, couplings: Couplings, idx, ctx, mask, sched, cfg: Dist
     return F.mse_loss(student(s * z + (1 - s) * x0, sigma, ctx, mask), z - x0)
 
 
+def _draw(teacher: ToyModel, couplings: Couplings, cfg: DistillConfig, g):
+    """A batch of coupling indices and their encoded contexts (text, or text + image)."""
+    idx = torch.randint(len(couplings.captions), (cfg.batch,), generator=g)
+    ctx, mask = teacher.encode([couplings.captions[i] for i in idx.tolist()], couplings.context_images[idx],
+                               couplings.has_image[idx])
+    return idx, ctx, mask
+
+
+def _update(opt, module, loss):
+    """One clipped optimizer step of `module` on `loss`."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
+    opt.step()
+
+
 def _backward_simulation(student, z, ctx, mask, sched, k):
     """The state each row reaches after k[i] steps of the student's own Euler sampler from noise (no gradient)."""
     x, out = sched[0] * z, z.clone()
@@ -133,12 +149,9 @@ def distill_dmd(teacher: ToyModel, couplings: Couplings, cfg: DistillConfig,
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
     opt_fake = torch.optim.AdamW(fake.parameters(), lr=cfg.fake_lr, betas=(0.9, 0.99))
     sched = schedules.simple_sigmas(cfg.student_steps, shift=cfg.shift)
-    n = len(couplings.captions)
     losses, t0 = [], time.time()
     for step in range(cfg.steps):
-        idx = torch.randint(n, (cfg.batch,), generator=g)
-        ctx, mask = teacher.encode([couplings.captions[i] for i in idx.tolist()], couplings.context_images[idx],
-                                   couplings.has_image[idx])
+        idx, ctx, mask = _draw(teacher, couplings, cfg, g)
         z = torch.randn(couplings.noise[idx].shape, generator=g)
         k = torch.randint(cfg.student_steps, (cfg.batch,), generator=g)
         x_k = _backward_simulation(student, z, ctx, mask, sched, k)
@@ -154,19 +167,12 @@ def distill_dmd(teacher: ToyModel, couplings: Couplings, cfg: DistillConfig,
             direction = (x0_fake - x0_real) / scale
         dm = 0.5 * F.mse_loss(x0, (x0 - direction).detach())
         reg = _reflow_loss(student, couplings, idx, ctx, mask, sched[:-1], cfg, g)
-        loss = dm + cfg.regression_weight * reg
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
+        _update(opt, student, dm + cfg.regression_weight * reg)
         ema_update(ema, student, min(cfg.ema, (1 + step) / (10 + step)))
         # the fake score follows the student's outputs (flow matching on them, as the teacher was trained on data)
         for _ in range(cfg.fake_updates):
             f_loss = flow_loss(fake, ctx, mask, x0.detach(), g, shift=cfg.shift)
-            opt_fake.zero_grad(set_to_none=True)
-            f_loss.backward()
-            torch.nn.utils.clip_grad_norm_(fake.parameters(), 1.0)
-            opt_fake.step()
+            _update(opt_fake, fake, f_loss)
         losses.append(float(reg.detach()))
         if log and (step + 1) % max(1, cfg.steps // 10) == 0:
             log(f"[distill] dmd step {step + 1}/{cfg.steps} regression {sum(losses[-50:]) / len(losses[-50:]):.4f} "
@@ -183,17 +189,11 @@ def distill_reflow(teacher: ToyModel, couplings: Couplings, cfg: DistillConfig,
     ema = copy.deepcopy(teacher.dit).eval()
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
     sched = schedules.simple_sigmas(cfg.student_steps, shift=cfg.shift)[:-1]
-    n = len(couplings.captions)
     losses, t0 = [], time.time()
     for step in range(cfg.steps):
-        idx = torch.randint(n, (cfg.batch,), generator=g)
-        ctx, mask = teacher.encode([couplings.captions[i] for i in idx.tolist()], couplings.context_images[idx],
-                                   couplings.has_image[idx])
+        idx, ctx, mask = _draw(teacher, couplings, cfg, g)
         loss = _reflow_loss(student, couplings, idx, ctx, mask, sched, cfg, g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
+        _update(opt, student, loss)
         ema_update(ema, student, min(cfg.ema, (1 + step) / (10 + step)))
         losses.append(float(loss.detach()))
         if log and (step + 1) % max(1, cfg.steps // 5) == 0:
