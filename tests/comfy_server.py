@@ -23,6 +23,17 @@ PACK_DIR_NAME = "comfyui-dopsd"
 TEST_SUPPORT = comfy_env.REPO / "tests" / "comfy_test_support"
 
 
+def wait_for(pred, timeout=90.0, what=""):
+    """Poll `pred` (e.g. a GET on the server) every 50 ms until it returns something truthy, and return that."""
+    end = time.time() + timeout
+    while time.time() < end:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

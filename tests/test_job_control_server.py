@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import comfy_server as server_lib
 from conftest import TINY_FLUX2_FILE, TINY_QWEN3_FILE, TINY_ZIMAGE_FILE
 
 pytestmark = pytest.mark.server
@@ -78,14 +79,7 @@ def server(comfy_server):
                          for j in comfy_server.get_json("/dopsd/jobs")["jobs"]), what="every job to end")
 
 
-def wait_for(pred, timeout=90, what=""):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+wait_for = server_lib.wait_for
 
 
 def history(server, prompt_id, timeout=90):

@@ -8,8 +8,8 @@
   tells the user in its status's `warnings` (the card and a toast show them), naming the fix;
 - a CLIP of the wrong width is refused with an error that names the fix.
 """
+import functools
 import json
-import time
 
 import numpy as np
 import pytest
@@ -18,6 +18,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+import comfy_server as server_lib
 from conftest import TINY_QWEN3_FILE, TINY_ZIMAGE_FILE
 from dopsd_core import retention
 
@@ -59,14 +60,7 @@ def server(comfy_server):
     return comfy_server
 
 
-def wait_for(pred, timeout=120, what=""):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+wait_for = functools.partial(server_lib.wait_for, timeout=120)
 
 
 def failed_entry(server, g):
