@@ -15,6 +15,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -110,10 +111,9 @@ def step_curve(b: "Build", model: ToyModel, prompts, steps: Sequence[int], noise
             fds.append(r["fd"])
             sharp.append(r["denoised_sharpness"])
             acc.append(r["acc_all"])
-        mean = lambda v: sum(v) / len(v)  # noqa: E731
-        sd = lambda v: (sum((x - mean(v)) ** 2 for x in v) / max(1, len(v) - 1)) ** 0.5  # noqa: E731
-        out[str(k)] = {"fd": mean(fds), "fd_sd": sd(fds), "dsharp": mean(sharp), "dsharp_sd": sd(sharp),
-                       "acc_all": mean(acc)}
+        sd = lambda v: statistics.stdev(v) if len(v) > 1 else 0.0  # noqa: E731  sample sd over the noises
+        out[str(k)] = {"fd": statistics.mean(fds), "fd_sd": sd(fds), "dsharp": statistics.mean(sharp),
+                       "dsharp_sd": sd(sharp), "acc_all": statistics.mean(acc)}
     return out
 
 
