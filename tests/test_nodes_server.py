@@ -1,6 +1,6 @@
 """Issue #4's end-to-end check in the real server: a D-OPSD job trains from a posted prompt while another
 prompt samples the same checkpoint; stop via the route saves a LoRA that stock LoraLoaderModelOnly loads."""
-import time
+import functools
 
 import numpy as np
 import pytest
@@ -8,6 +8,7 @@ import safetensors.torch
 import torch
 from PIL import Image
 
+import comfy_server as server_lib
 from conftest import TINY_QWEN3_FILE, TINY_ZIMAGE_FILE
 
 pytestmark = pytest.mark.server
@@ -61,14 +62,7 @@ def _latent(server, entry, node="9"):
     return safetensors.torch.load_file(str(path))["latent_tensor"]
 
 
-def _wait(pred, timeout=120, what=""):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = pred()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+_wait = functools.partial(server_lib.wait_for, timeout=120)
 
 
 def test_training_job_through_the_server(comfy_server):
